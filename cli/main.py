@@ -1,0 +1,79 @@
+"""Entry point of the `surgery` command.
+
+Commands live in `surgery.cli.<name>_cmd` modules; each exposes `COMMANDS`, a list
+of click commands or groups, and is discovered here so that adding a command is
+adding a module. Errors: a `SurgeryError` prints one line and exits 2; any other
+exception exits 1 (with the traceback under `-v`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import traceback
+
+import click
+
+from surgery import __version__
+from surgery.errors import SurgeryError
+
+_VERBOSE = {"level": 0}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="surgery")
+@click.option("-v", "--verbose", count=True, help="Show tracebacks on errors (and more logging with -vv).")
+def cli(verbose: int) -> None:
+    """Repair, attack and analyse the safety alignment of LLM checkpoints and LoRA adapters.
+
+    Works directly on Hugging Face safetensors checkpoints and peft adapters,
+    one tensor at a time. `surgery demo` shows everything on a built-in testbed.
+    """
+    _VERBOSE["level"] = verbose
+
+
+def _register_commands() -> None:
+    import surgery.cli as package
+
+    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not module_info.name.endswith("_cmd"):
+            continue
+        module = importlib.import_module(f"surgery.cli.{module_info.name}")
+        for command in getattr(module, "COMMANDS", []):
+            cli.add_command(command)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and map errors to exit codes (2 bad input, 1 internal)."""
+    args = sys.argv[1:] if argv is None else argv
+    _VERBOSE["level"] = sum(a.count("v") for a in args if a.startswith("-") and set(a[1:]) == {"v"})
+    try:
+        cli.main(args=args, prog_name="surgery", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: click's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SurgeryError as exc:
+        if _VERBOSE["level"]:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if _VERBOSE["level"]:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
