@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import signal
 import sys
 import traceback
 
@@ -50,6 +51,8 @@ _register_commands()
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and map errors to exit codes (2 bad input, 1 internal)."""
     args = sys.argv[1:] if argv is None else argv
+    # SIGTERM unwinds like an exception, so atomic outputs remove their temporaries.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _VERBOSE["level"] = sum(a.count("v") for a in args if a.startswith("-") and set(a[1:]) == {"v"})
     try:
         cli.main(args=args, prog_name="surgery", standalone_mode=False)

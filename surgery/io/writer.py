@@ -1,0 +1,226 @@
+"""Streaming, byte-bounded, atomic writer of safetensors checkpoints.
+
+The header of every shard is planned from the tensors' names, dtypes and shapes
+before any data exists; each tensor is then written straight to its offset in its
+shard file as it is produced. Memory therefore stays at about one tensor whatever
+the shard size (saving a dict per shard would hold a whole shard).
+
+Sharding follows transformers/huggingface_hub: tensors fill shards greedily in plan
+order up to `shard_size` bytes of tensor data; a tensor larger than the limit gets a
+shard of its own; shards are named `model-00001-of-00003.safetensors`; an index
+`model.safetensors.index.json` with `metadata.total_size` (the sum of tensor bytes)
+and `weight_map` is written only when there is more than one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgery.io.atomic import atomic_path
+from surgery.io.header import DTYPE_SIZES, dtype_name
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: known before its data is."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[dtype_name(self.dtype)]
+
+    @classmethod
+    def like(cls, name: str, tensor_or_info: object) -> TensorSpec:
+        """Spec with the dtype and shape of a tensor or a `TensorInfo`."""
+        dtype = getattr(tensor_or_info, "torch_dtype", None) or tensor_or_info.dtype  # type: ignore[attr-defined]
+        return cls(name, dtype, tuple(tensor_or_info.shape))  # type: ignore[attr-defined]
+
+
+def plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy byte-bounded split, in order, as huggingface_hub does it."""
+    if shard_size <= 0:
+        raise ValueError("shard_size must be positive")
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_bytes = 0
+    for spec in specs:
+        if current and current_bytes + spec.nbytes > shard_size:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(spec)
+        current_bytes += spec.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_names(weights_name: str, count: int) -> list[str]:
+    """`model.safetensors` alone, else `model-00001-of-0000N.safetensors`."""
+    if count == 1:
+        return [weights_name]
+    stem = weights_name.removesuffix(".safetensors")
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offsets: dict[str, int] = {}
+    position = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": dtype_name(spec.dtype),
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        offsets[spec.name] = position
+        position += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors pads
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class CheckpointWriter:
+    """Write planned tensors one at a time into an atomically created checkpoint directory.
+
+    Use as a context manager; call `write(name, tensor)` once per planned tensor in
+    any order. On a clean exit every tensor must have been written; the index (if
+    sharded), companion files and extra files are added and the directory renamed
+    into place. On error nothing is left at `out`.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        specs: Iterable[TensorSpec],
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        metadata: Mapping[str, str] | None = None,
+        force: bool = False,
+        copy_files_from: Iterable[Path] | Path | None = None,
+        weights_name: str = "model.safetensors",
+        extra_files: Mapping[str, str | bytes] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.metadata = {"format": "pt", **dict(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        self.shard_size = shard_size
+        self.force = force
+        self.weights_name = weights_name
+        self.extra_files = dict(extra_files or {})
+        if isinstance(copy_files_from, Path):
+            copy_files_from = [copy_files_from]
+        self.copy_files = list(copy_files_from or [])
+        self._context = None
+        self._tmp: Path | None = None
+        self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
+        self._written: set[str] = set()
+        self.shards: list[str] = []
+
+    def __enter__(self) -> CheckpointWriter:
+        self._context = atomic_path(self.out, force=self.force)
+        self._tmp = self._context.__enter__()
+        try:
+            self._tmp.mkdir()
+            planned = plan_shards(self.specs, self.shard_size)
+            self.shards = shard_names(self.weights_name, len(planned))
+            for file_name, shard in zip(self.shards, planned, strict=True):
+                header, offsets = _header_bytes(shard, self.metadata)
+                path = self._tmp / file_name
+                with path.open("wb") as handle:
+                    handle.write(header)
+                    handle.truncate(len(header) + sum(s.nbytes for s in shard))
+                for spec in shard:
+                    self._where[spec.name] = (path, len(header) + offsets[spec.name], spec)
+        except BaseException as exc:
+            self._context.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (its dtype and shape must match the plan)."""
+        if name not in self._where:
+            raise KeyError(f"{name!r} is not in the write plan")
+        if name in self._written:
+            raise ValueError(f"{name!r} was already written")
+        path, offset, spec = self._where[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if spec.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            with path.open("r+b") as handle:
+                handle.seek(offset)
+                handle.write(memoryview(data))
+        self._written.add(name)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._context is not None and self._tmp is not None
+        if exc_type is None:
+            try:
+                missing = [s.name for s in self.specs if s.name not in self._written]
+                if missing:
+                    raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+                self._finish(self._tmp)
+            except BaseException as inner:
+                self._context.__exit__(type(inner), inner, inner.__traceback__)
+                raise
+        self._context.__exit__(exc_type, exc, tb)
+
+    def _finish(self, tmp: Path) -> None:
+        if len(self.shards) > 1:
+            weight_map = {name: where[0].name for name, where in self._where.items()}
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.specs)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            index_name = self.weights_name.removesuffix(".safetensors") + ".safetensors.index.json"
+            (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        for source in self.copy_files:
+            source = Path(source)
+            if source.is_file() and source.name not in self.extra_files:
+                shutil.copy2(source, tmp / source.name)
+        for name, content in self.extra_files.items():
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+
+
+def write_tensors(
+    out: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a small dict of tensors (a mask, a module, a direction) as one safetensors file, atomically."""
+    out = Path(out)
+    specs = [TensorSpec.like(name, t) for name, t in tensors.items()]
+    header, offsets = _header_bytes(specs, {"format": "pt", **dict(metadata or {})})
+    with atomic_path(out, force=force) as tmp:
+        with tmp.open("wb") as handle:
+            handle.write(header)
+            for spec in specs:
+                t = tensors[spec.name]
+                if spec.nbytes:
+                    handle.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return out
