@@ -1,0 +1,196 @@
+"""Streaming merge (and unmerge) of a LoRA adapter into a base checkpoint.
+
+One tensor at a time: read a base tensor, and if the adapter touches it compute
+`W + scaling * B @ A` in fp32 (in place, with `addmm_`, so no separate delta is held),
+apply DoRA's magnitude, cast back to the tensor's own dtype and stream it into the
+writer. Peak memory is about one tensor in fp32, never a shard or the model.
+Everything is validated before the first byte is written, and the output appears
+atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import MismatchError, NonFiniteError, SurgeryError
+from surgery.io.adapter import LoraAdapter, LoraModule
+from surgery.io.atomic import check_output
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.provenance import provenance
+from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
+from surgery.progress import track
+
+
+@dataclass
+class MergeReport:
+    """What a merge did, for the CLI's table and `--json`."""
+
+    out: str
+    mode: str  # "merge" | "unmerge"
+    tensors: int
+    merged: list[str] = field(default_factory=list)
+    dora: list[str] = field(default_factory=list)
+    biases: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    nonfinite: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _addmm_delta(w: torch.Tensor, adapter: LoraAdapter, m: LoraModule, sign: float) -> None:
+    """w += sign * scaling * ΔW in place (fp32), in w's layout, without materialising ΔW."""
+    a = adapter.lora_A(m)
+    b = adapter.lora_B(m)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        w.addmm_(a.T, b.T, alpha=sign * m.scaling)
+    else:
+        w.addmm_(b, a, alpha=sign * m.scaling)
+
+
+def dora_norm_dim(m: LoraModule) -> int:
+    """Axis the DoRA norm reduces over in the base layout: per output feature for Linear
+    ([out, in] -> dim 1), per column for Conv1D ([in, out]) and embeddings ([V, D]) (dim 0),
+    as peft's DoraLinearLayer / DoraEmbeddingLayer compute it."""
+    return 0 if (m.kind == "embedding" or m.fan_in_fan_out) else 1
+
+
+def merged_weight(
+    adapter: LoraAdapter, m: LoraModule, weight: torch.Tensor, *, unmerge: bool = False
+) -> torch.Tensor:
+    """The merged (or unmerged) weight of one module as a new fp32 tensor.
+
+    Merge: `W + ΔW`, or with DoRA `m / ||W + ΔW|| * (W + ΔW)` (norm as in peft).
+    Unmerge: `W - ΔW`; DoRA cannot be unmerged from the merged weight alone (the
+    per-row norm of `W + ΔW` is lost), so it is refused.
+    """
+    w = weight.to(torch.float32, copy=True)
+    if unmerge:
+        if m.is_dora:
+            raise SurgeryError(
+                f"{m.module_path} is a DoRA module; a DoRA merge cannot be undone from the merged weights "
+                "(the norm of W+ΔW is lost); keep the original base instead"
+            )
+        _addmm_delta(w, adapter, m, -1.0)
+        return w
+    _addmm_delta(w, adapter, m, 1.0)
+    magnitude = adapter.magnitude(m)
+    if magnitude is not None:
+        dim = dora_norm_dim(m)
+        norm = torch.linalg.vector_norm(w, dim=dim, keepdim=True)
+        w.mul_(magnitude.view_as(norm) / norm)
+    return w
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def merge_adapter(
+    base: str | Path | Checkpoint,
+    adapter: str | Path | LoraAdapter,
+    out: str | Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    unmerge: bool = False,
+    allow_nonfinite: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> MergeReport:
+    """Merge `adapter` into `base` (or subtract it with `unmerge`) and write `out` atomically.
+
+    Raises `MismatchError` (adapter does not fit the base), `NonFiniteError` (a result
+    holds NaN/Inf and `allow_nonfinite` is off), `OutputExistsError`, and the readers'
+    errors for bad inputs; nothing is written in any of these cases.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base, allow_pickle=allow_pickle)
+    lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter, allow_pickle=allow_pickle)
+    if out.resolve() in {p.resolve() for p in [*(ckpt.files), *( [ckpt.directory] if ckpt.directory else [])]}:
+        raise SurgeryError(f"output {out} is the base checkpoint itself; choose another output path")
+
+    modules, replacements = lora.match(ckpt)
+    if not modules and not replacements:
+        raise MismatchError(f"adapter {lora.directory} has no LoRA tensors; nothing to merge")
+    if unmerge:
+        dora = [m.module_path for m in modules.values() if m.is_dora]
+        if dora:
+            raise SurgeryError(
+                f"cannot unmerge DoRA module {dora[0]}: the norm of W+ΔW is lost in the merged weights, "
+                "so the base is not recoverable exactly; keep the original base instead"
+            )
+        full = [k for k, a in replacements.items() if ".base_layer." not in a]
+        if full:
+            raise SurgeryError(
+                f"cannot unmerge: the adapter replaces {full[0]} with a full tensor (modules_to_save), "
+                "whose original value the merged checkpoint no longer holds"
+            )
+    bias_of = {m.base_bias_key: m for m in modules.values() if m.bias_key is not None}
+
+    mode = "unmerge" if unmerge else "merge"
+    params = {"shard_size": shard_size, "allow_nonfinite": allow_nonfinite}
+    metadata = provenance(mode, params, inputs={"base": ckpt, "adapter": lora})
+    specs = [TensorSpec.like(name, ckpt.info(name)) for name in ckpt.names()]
+    report = MergeReport(out=str(out), mode=mode, tensors=len(specs))
+    sign = -1.0 if unmerge else 1.0
+
+    with CheckpointWriter(
+        out,
+        specs,
+        shard_size=shard_size,
+        metadata=metadata,
+        force=force,
+        copy_files_from=ckpt.companion_files(),
+    ) as writer:
+        for name in track(ckpt.names(), total=len(specs), description=mode):
+            m = modules.get(name)
+            bias_module = bias_of.get(name)
+            rkey = replacements.get(name)
+            if m is None and bias_module is None and rkey is None:
+                writer.write(name, ckpt.get(name))
+                continue
+            stored = ckpt.get(name)
+            dtype = stored.dtype
+            w = lora.get(rkey) if rkey is not None else stored
+            del stored
+            if rkey is not None:
+                report.replaced.append(name)
+            if m is not None:
+                if rkey is not None and unmerge:
+                    result = w.to(torch.float32)  # the saved base layer is what lay under the adapter
+                else:
+                    result = merged_weight(lora, m, w, unmerge=unmerge)
+                report.merged.append(name)
+                if m.is_dora:
+                    report.dora.append(name)
+            elif bias_module is not None:
+                result = w.to(torch.float32, copy=True)
+                result.add_(lora.bias(bias_module), alpha=sign)  # type: ignore[arg-type]
+                report.biases.append(name)
+            else:
+                result = w
+            del w
+            result = result.to(dtype)
+            if _nonfinite(result):
+                if not allow_nonfinite:
+                    raise NonFiniteError(
+                        f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
+                        f"{str(dtype).removeprefix('torch.')} (pass --allow-nonfinite to write it anyway)"
+                    )
+                report.nonfinite.append(name)
+            writer.write(name, result)
+            del result
+    report.total_bytes = sum(s.nbytes for s in specs)
+    report.shards = list(writer.shards)
+    report.seconds = time.perf_counter() - started
+    return report
