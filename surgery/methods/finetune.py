@@ -1,0 +1,309 @@
+"""Supervised fine-tuning: alignment SFT, the harmful fine-tuning attack, and user fine-tuning.
+
+The harmful fine-tuning protocol of the literature (Vaccine, Lisa, Booster, Antidote):
+a user data set of n pairs where a share p is replaced by harmful prompt + compliant
+answer pairs (`int(p*n)` harmful, the rest benign), trained with the loss on response
+tokens only. The pieces are separate so that defenses can reuse them:
+
+- `mix_pairs` (the poisoning), `encode_pairs` + `collate` (response masks),
+- `train_loop(model, samples, ...)` with hooks `prepare_model(model)` (e.g. add a fixed
+  projection) and `after_backward(model)` (e.g. zero the gradients of frozen weights),
+- `finetune(model_dir, pairs, out, ...)` which loads, wraps in peft LoRA (or trains all
+  weights with `full=True`), trains, and writes an adapter or a model atomically with its
+  training configuration in `surgery_finetune.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import DataError, InputNotFoundError, OutputExistsError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG_NAME = "surgery_finetune.json"
+
+Hook = Callable[[torch.nn.Module], None]
+
+
+@dataclass
+class Sample:
+    """One tokenized training example: ids and labels (-100 on prompt tokens)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def mix_pairs(train_pairs: Sequence[dict], harmful_pairs: Sequence[dict] | None = None, ratio: float = 0.1,
+              n: int | None = None, seed: int = 0) -> list[dict]:
+    """Poison a data set the way the harmful fine-tuning papers do.
+
+    Of `n` examples (default: all of `train_pairs`), `int(ratio * n)` are harmful pairs
+    (sampled without replacement while they last, in a seeded order) and the rest the
+    first benign pairs; the result is shuffled with `seed`.
+    """
+    if not train_pairs:
+        raise DataError("fine-tuning data is empty: give at least one {prompt, response} pair")
+    n = len(train_pairs) if n is None else n
+    if not 0.0 <= ratio <= 1.0:
+        raise DataError(f"harmful ratio must be in [0, 1], got {ratio}")
+    rng = random.Random(seed)
+    k = int(ratio * n) if harmful_pairs else 0
+    harmful: list[dict] = []
+    if k:
+        pool = list(harmful_pairs)  # type: ignore[arg-type]
+        while len(harmful) < k:
+            order = pool[:]
+            rng.shuffle(order)
+            harmful += order[: k - len(harmful)]
+    benign = [train_pairs[i % len(train_pairs)] for i in range(n - k)]
+    mixed = [dict(p) for p in benign + harmful]
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_pairs(tokenizer: Any, pairs: Sequence[dict], max_length: int = 256,
+                 chat_template: bool = True) -> list[Sample]:
+    """Tokenize {prompt, response} pairs: prompt (chat template when there is one) + response + EOS.
+
+    Labels are -100 on the prompt so the loss only teaches the response. Truncated to
+    `max_length` tokens from the right.
+    """
+    eos = tokenizer.eos_token_id
+    samples = []
+    for i, pair in enumerate(pairs):
+        if "prompt" not in pair or "response" not in pair:
+            raise DataError(f"pair {i} lacks 'prompt' or 'response': training data needs both fields")
+        p = _prompt_ids(tokenizer, pair["prompt"], chat_template)
+        r = list(tokenizer(pair["response"], add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            r.append(eos)
+        ids = (p + r)[:max_length]
+        labels = ([-100] * len(p) + r)[:max_length]
+        samples.append(Sample(ids, labels))
+    return samples
+
+
+def collate(batch: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into input_ids, attention_mask and labels tensors."""
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, s in enumerate(batch):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Progress:
+    """A minimal stderr progress line with the running loss (quiet when not a terminal)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled or not self.tty:
+            return
+        if step == self.total or step % max(1, self.total // 100) == 0:
+            el = time.perf_counter() - self.start
+            sys.stderr.write(f"\r{self.desc} {step}/{self.total} loss {loss:.4f} {el:.0f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def train_loop(model: torch.nn.Module, samples: Sequence[Sample], *, pad_id: int, epochs: float = 3,
+               lr: float = 1e-3, batch_size: int = 16, seed: int = 0, weight_decay: float = 0.0,
+               warmup: float = 0.05, max_grad_norm: float | None = 1.0, device: torch.device | None = None,
+               prepare_model: Hook | None = None, after_backward: Hook | None = None,
+               progress: bool = True, desc: str = "fine-tune") -> list[float]:
+    """Train the trainable parameters of `model` on `samples` (AdamW, warmup then linear decay).
+
+    Deterministic for a seed: the batch order comes from a seeded generator. `epochs` may
+    be fractional. `prepare_model` runs once before training, `after_backward` after each
+    backward pass (before clipping and the optimizer step). Returns the loss per step.
+    """
+    if not samples:
+        raise DataError("no training samples")
+    device = device or default_device()
+    model.to(device)
+    if prepare_model is not None:
+        prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DataError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_epoch = math.ceil(len(samples) / batch_size)
+    total = max(1, int(round(per_epoch * epochs)))
+    n_warm = int(warmup * total)
+
+    def lr_at(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return max(0.0, (total - step) / max(1, total - n_warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    bar = _Progress(total, desc, progress)
+    order: list[int] = []
+    for step in range(total):
+        if len(order) < batch_size:
+            order += torch.randperm(len(samples), generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
+        out = model(**batch)
+        loss = out.loss
+        loss.backward()
+        if after_backward is not None:
+            after_backward(model)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.update(step + 1, losses[-1])
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _fingerprint(pairs: Sequence[dict]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(p, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists: choose another output or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a Hugging Face causal LM and its tokenizer from a directory (no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tok
+
+
+def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path, *,
+             harmful_pairs: Sequence[dict] | None = None, ratio: float = 0.1, n: int | None = None,
+             lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+             targets: Sequence[str] | None = None, epochs: float = 3, lr: float = 1e-3, batch_size: int = 16,
+             seed: int = 0, full: bool = False, max_length: int = 256, chat_template: bool = True,
+             weight_decay: float = 0.0, warmup: float = 0.05, device: str | torch.device | None = None,
+             prepare_model: Hook | None = None, after_backward: Hook | None = None,
+             force: bool = False, progress: bool = True, extra_config: dict | None = None,
+             base_name: str | None = None) -> Path:
+    """Fine-tune `model_dir` on `train_pairs` (poisoned with `harmful_pairs` at share `ratio`).
+
+    Writes a peft LoRA adapter (r, alpha on `targets`, default all attention and MLP
+    projections) or, with `full=True`, a whole model with its tokenizer, into `out`
+    atomically; `out/surgery_finetune.json` records the configuration. `base_name` is
+    what the adapter config records as its base model (default: `model_dir`). Returns `out`.
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    model, tok = load_model(model_dir)
+    mixed = mix_pairs(train_pairs, harmful_pairs, ratio=ratio, n=n, seed=seed)
+    samples = encode_pairs(tok, mixed, max_length=max_length, chat_template=chat_template)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    targets = list(targets or DEFAULT_TARGETS)
+    if not full:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                         bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+        model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
+    dev = torch.device(device) if device is not None else default_device()
+    losses = train_loop(model, samples, pad_id=pad_id, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        weight_decay=weight_decay, warmup=warmup, device=dev, prepare_model=prepare_model,
+                        after_backward=after_backward, progress=progress,
+                        desc="full fine-tune" if full else "LoRA fine-tune")
+    n_harm = int(ratio * len(mixed)) if harmful_pairs else 0
+    record = {
+        "method": "finetune", "base_model": base_name or str(model_dir), "full": full, "epochs": epochs, "lr": lr,
+        "batch_size": batch_size, "seed": seed, "max_length": max_length, "chat_template": chat_template,
+        "weight_decay": weight_decay, "warmup": warmup,
+        "lora": None if full else {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": targets},
+        "n_examples": len(mixed), "n_harmful": n_harm, "ratio": ratio if harmful_pairs else 0.0,
+        "train_sha256": _fingerprint(train_pairs),
+        "harmful_sha256": _fingerprint(harmful_pairs) if harmful_pairs else None,
+        "steps": len(losses), "final_loss": losses[-1], "first_loss": losses[0],
+        **(extra_config or {}),
+    }
+    tmp = _prepare_out(out, force)
+    try:
+        model.to("cpu")
+        if full:
+            model.save_pretrained(tmp)
+        else:  # no hub look-up for the base's vocabulary: embeddings are not trained here
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        if full:
+            tok.save_pretrained(tmp)
+        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,210 @@
+"""Build the synthetic safety testbed: base, aligned, attacked and benign-ft models plus data.
+
+The story it models: a base model pretrained on benign instructions answers everything;
+alignment SFT (full weights) teaches it to refuse three invented harmful categories while
+answering look-alikes; a user fine-tunes a LoRA on a new tagging task with a share
+p = 0.1 of harmful prompt + compliant answer pairs (`attacked/`) or none (`benign-ft/`).
+Everything is written in Hugging Face formats (model dirs, peft adapters, JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import InputNotFoundError, OutputExistsError
+from surgery.testbed.world import DEFAULT_SIZES, QUICK_SIZES, Sizes, World, make_world
+
+MANIFEST = "testbed.json"
+FORMAT_VERSION = 1
+DATA_FILES = ["alignment.jsonl", "task_train.jsonl", "task_eval.jsonl", "harmful_train.jsonl",
+              "harmful_eval.jsonl", "benign_eval.jsonl", "harmless.jsonl", "utility.jsonl"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model shape and training schedule of a build (quick and default differ in sizes and steps)."""
+
+    sizes: Sizes
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 192
+    pretrain_epochs: float = 6
+    pretrain_lr: float = 3e-3
+    align_epochs: float = 6
+    align_lr: float = 1e-3
+    ft_epochs: float = 6
+    ft_lr: float = 2e-3
+    batch_size: int = 32
+    ratio: float = 0.1
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES)
+QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
+
+
+@dataclass
+class Testbed:
+    """A built testbed on disk. Paths: `base`, `aligned` (model dirs), `attacked`, `benign_ft`
+    (peft adapter dirs over `aligned`), `data` (JSONL files, see DATA_FILES)."""
+
+    root: Path
+    seed: int = 0
+    quick: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def aligned(self) -> Path:
+        return self.root / "aligned"
+
+    @property
+    def attacked(self) -> Path:
+        return self.root / "attacked"
+
+    @property
+    def benign_ft(self) -> Path:
+        return self.root / "benign-ft"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def file(self, name: str) -> Path:
+        """A data file by name, e.g. `tb.file("harmful_eval.jsonl")`."""
+        return self.data / name
+
+    @classmethod
+    def load(cls, root: str | Path) -> Testbed:
+        """Open a built testbed; raises InputNotFoundError when `root` is not one."""
+        root = Path(root)
+        mf = root / MANIFEST
+        if not mf.exists():
+            raise InputNotFoundError(f"{root} is not a testbed (no {MANIFEST}): build one with `surgery testbed build`")
+        manifest = json.loads(mf.read_text())
+        tb = cls(root=root, seed=int(manifest.get("seed", 0)), quick=bool(manifest.get("quick", False)),
+                 manifest=manifest)
+        missing = [str(p) for p in (tb.base, tb.aligned, tb.attacked, tb.benign_ft, tb.data) if not p.exists()]
+        if missing:
+            raise InputNotFoundError(f"testbed {root} is incomplete (missing {', '.join(missing)}): rebuild with --force")
+        return tb
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def _set_threads() -> int:
+    """Pin intra-op threads (at most 2) so that the bytes do not depend on the machine's core count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(2, old))
+    return old
+
+
+def _pretrain(tok_dir: Path, out: Path, world: World, recipe: Recipe, seed: int, progress: bool) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from surgery.methods.finetune import encode_pairs, train_loop
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    samples = encode_pairs(tok, world.pretrain)
+    train_loop(model, samples, pad_id=tok.pad_token_id, epochs=recipe.pretrain_epochs, lr=recipe.pretrain_lr,
+               batch_size=recipe.batch_size, seed=seed, weight_decay=0.01, device=torch.device("cpu"),
+               progress=progress, desc="pretrain base")
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force: bool = False,
+                  progress: bool = True) -> Testbed:
+    """Build the testbed into `out_dir` (atomically) and return its handle.
+
+    An existing complete testbed with the same seed and quick flag is reused unless
+    `force`; anything else already at `out_dir` is refused unless `force`. The build runs
+    on CPU with at most 2 threads so that a seed gives the same bytes everywhere.
+    """
+    from surgery.methods.finetune import finetune
+    from surgery.testbed.tokenizer import save_tokenizer
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        try:
+            tb = Testbed.load(out)
+        except InputNotFoundError:
+            raise OutputExistsError(f"{out} exists and is not a complete testbed: pass --force to rebuild") from None
+        if tb.seed == seed and tb.quick == quick and tb.manifest.get("format") == FORMAT_VERSION:
+            return tb
+        raise OutputExistsError(f"{out} holds a testbed with seed={tb.seed} quick={tb.quick}: pass --force to rebuild")
+    recipe = QUICK_RECIPE if quick else DEFAULT_RECIPE
+    world = make_world(seed, recipe.sizes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    old_threads = _set_threads()
+    timings: dict[str, float] = {}
+    try:
+        tmp.mkdir()
+        data = tmp / "data"
+        data.mkdir()
+        for name in DATA_FILES:
+            _write_jsonl(data / name, getattr(world, name.removesuffix(".jsonl")))
+        tok_dir = tmp / "tokenizer"
+        save_tokenizer(tok_dir)
+        t = time.perf_counter()
+        _pretrain(tok_dir, tmp / "base", world, recipe, seed, progress)
+        shutil.rmtree(tok_dir)
+        timings["base"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cpu = torch.device("cpu")
+        finetune(tmp / "base", world.alignment, tmp / "aligned", full=True, epochs=recipe.align_epochs,
+                 lr=recipe.align_lr, batch_size=recipe.batch_size, seed=seed + 1, device=cpu, progress=progress,
+                 weight_decay=0.01, base_name="base")
+        timings["aligned"] = time.perf_counter() - t
+        for name, harmful in (("attacked", world.attack_harmful), ("benign-ft", None)):
+            t = time.perf_counter()
+            finetune(tmp / "aligned", world.task_train, tmp / name, harmful_pairs=harmful, ratio=recipe.ratio,
+                     lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, epochs=recipe.ft_epochs, lr=recipe.ft_lr,
+                     batch_size=recipe.batch_size, seed=seed + 2, device=cpu, progress=progress,
+                     base_name="aligned")
+            timings[name] = time.perf_counter() - t
+        manifest = {"format": FORMAT_VERSION, "seed": seed, "quick": quick,
+                    "recipe": {k: v for k, v in recipe.__dict__.items() if k != "sizes"},
+                    "sizes": recipe.sizes.__dict__, "ratio": recipe.ratio,
+                    "n_attack_harmful": int(recipe.ratio * len(world.task_train))}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(old_threads)
+    tb = Testbed.load(out)
+    tb.manifest["build_seconds"] = timings  # not written: timings are not deterministic
+    return tb

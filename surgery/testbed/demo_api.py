@@ -1,0 +1,99 @@
+"""The contract between `surgery demo` and the modules that add rows to it.
+
+A method shows itself in the demo by adding `surgery/testbed/demo_<name>.py` with
+`ORDER: int` (where its rows go: baseline 0, attacks 100s, defenses 200s+) and
+`rows(ctx: DemoContext) -> list[DemoRow]`. The driver discovers these modules, runs
+them in ORDER, and reports a failing module as a row instead of stopping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.eval.metrics import EvalResult
+    from surgery.testbed.build import Testbed
+
+
+@dataclass
+class DemoRow:
+    """One line of the demo table: a model (stage) made by a method, and its scores.
+
+    `harmful_score`, `task_accuracy`, `over_refusal` are fractions in [0, 1] (None when
+    not measured); `seconds` is the method's own wall time (not the evaluation);
+    `extra` holds anything else worth keeping in results.json.
+    """
+
+    stage: str
+    method: str
+    harmful_score: float | None = None
+    task_accuracy: float | None = None
+    over_refusal: float | None = None
+    seconds: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_eval(
+        cls, stage: str, method: str, result: EvalResult, seconds: float | None = None, note: str = "",
+        **extra: Any,
+    ) -> DemoRow:
+        """Build a row from an `EvalResult` (the usual way a row module reports)."""
+        return cls(stage=stage, method=method, harmful_score=result.harmful_score,
+                   task_accuracy=result.task_accuracy, over_refusal=result.over_refusal,
+                   seconds=seconds, note=note, extra=dict(extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the results.json row schema)."""
+        return asdict(self)
+
+
+@dataclass
+class DemoContext:
+    """What a row module gets: the testbed, a scratch directory of its own, and an evaluator.
+
+    `work_dir` is shared by all modules: write under `ctx.path(name)` to avoid clashes.
+    `quick` asks for the cheapest settings that still show the effect.
+    """
+
+    testbed: Testbed
+    work_dir: Path
+    quick: bool = False
+    seed: int = 0
+    max_new_tokens: int = 24
+    batch_size: int = 64
+
+    def path(self, name: str) -> Path:
+        """A path under the work directory for an output of this run (not created)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return self.work_dir / name
+
+    def evaluate(self, model_dir: str | Path, adapter: str | Path | None = None, *,
+                 kl_reference: str | Path | None = None) -> EvalResult:
+        """Score a model (plus optional adapter) on the testbed's harmful, task and benign eval sets."""
+        from surgery.eval.evaluate import evaluate
+
+        data = self.testbed.data
+        return evaluate(
+            model_dir, adapter=adapter,
+            harmful=data / "harmful_eval.jsonl", task=data / "task_eval.jsonl",
+            benign=data / "benign_eval.jsonl",
+            harmless=data / "harmless.jsonl" if kl_reference is not None else None,
+            kl_reference=kl_reference,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+        )
+
+    @contextmanager
+    def timer(self) -> Iterator[dict[str, float]]:
+        """`with ctx.timer() as t: ...` then `t["seconds"]`: wall time of a method run."""
+        box: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            yield box
+        finally:
+            box["seconds"] = time.perf_counter() - start

@@ -1,0 +1,29 @@
+"""Shared fixtures: the quick testbed, built once per test session.
+
+Set SURGERY_TESTBED_DIR to a directory to reuse (or build there once and keep) a quick
+testbed across sessions; otherwise it is built under the session's tmp directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def quick_testbed(tmp_path_factory: pytest.TempPathFactory):
+    """The quick synthetic testbed (seed 0): `tb.base`, `tb.aligned`, `tb.attacked`, `tb.benign_ft`, `tb.data`.
+
+    Treat it as read-only: every test in the session shares it.
+    """
+    from surgery.testbed import Testbed, build_testbed
+
+    env = os.environ.get("SURGERY_TESTBED_DIR")
+    if env:
+        root = Path(env)
+        if (root / "testbed.json").exists():
+            return Testbed.load(root)
+        return build_testbed(root, seed=0, quick=True, progress=False)
+    return build_testbed(tmp_path_factory.mktemp("testbed") / "quick", seed=0, quick=True, progress=False)
