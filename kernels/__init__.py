@@ -3,6 +3,51 @@
 Every op module `surgery.kernels.<op>` exposes `<op>_reference` (plain PyTorch,
 fp32 math, the source of truth) and `<op>`, which dispatches to Triton for CUDA
 tensors and to the reference for CPU tensors. Set `SURGERY_FORCE_TRITON=1`
-together with `TRITON_INTERPRET=1` to run the Triton code on CPU (tests do).
-This package imports nothing else from the project.
+together with `TRITON_INTERPRET=1` (before Triton is imported) to run the Triton
+code on CPU (the tests do). This package imports nothing else from the project.
+
+Tie rule for every top-k/mask: elements are totally ordered by (score, flat index),
+as torch.sort(stable=True) orders them; "smallest k" are the first k, "largest k"
+the last k (see `surgery.kernels.topk_mask`).
 """
+
+from ._runtime import HAS_TRITON
+from .activation_stats import channel_sq_norms, channel_sq_norms_reference, covariance, covariance_reference
+from .rank_one import (
+    direction_ablate_,
+    direction_ablate_reference_,
+    rank_one_update_,
+    rank_one_update_reference_,
+)
+from .safelora_project import column_space_basis, safelora_project, safelora_project_reference
+from .salora_project import salora_fold, salora_fold_reference, salora_project, salora_project_reference
+from .setdiff_mask import setdiff_mask, setdiff_mask_reference
+from .topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
+from .wanda_score import wanda_score, wanda_score_reference
+
+__all__ = [
+    "HAS_TRITON",
+    "wanda_score",
+    "wanda_score_reference",
+    "topk_mask",
+    "topk_mask_reference",
+    "wanda_prune_",
+    "wanda_prune_reference_",
+    "setdiff_mask",
+    "setdiff_mask_reference",
+    "safelora_project",
+    "safelora_project_reference",
+    "column_space_basis",
+    "salora_fold",
+    "salora_fold_reference",
+    "salora_project",
+    "salora_project_reference",
+    "channel_sq_norms",
+    "channel_sq_norms_reference",
+    "covariance",
+    "covariance_reference",
+    "rank_one_update_",
+    "rank_one_update_reference_",
+    "direction_ablate_",
+    "direction_ablate_reference_",
+]

@@ -1,0 +1,469 @@
+"""Top-k masks by ratio, per row or per tensor, and the fused Wanda prune.
+
+Tie rule (every mask in this package): elements are totally ordered by
+(score, flat index), exactly as `torch.sort(stable=True)` orders them; the
+"smallest k" are the first k in that order and the "largest k" are the last k.
+NaN sorts above +inf (all NaNs equal), and -0.0 equals +0.0, as in torch.sort.
+Scores are compared in fp32 (`scores.float()`), whatever their dtype.
+
+Count: k = int(n * ratio), where n is the row length (scope="row") or the number
+of elements (scope="tensor"); an explicit `k=` overrides the ratio (Antidote's own
+count, n - int(n * (1 - ratio)), can differ from int(n * ratio) by one).
+
+Kernels. Scores map to order-preserving int32 keys (the fp32 bit pattern with the
+non-sign bits flipped for negatives, shifted right by 16 for bf16 and by 8 for fp16
+inputs, whose low bits carry nothing). Selecting the first j elements means finding
+the j-th smallest key T by MSB radix select with 8-bit digits and `tl.histogram`
+(2, 3 or 4 rounds), then taking every key < T plus the first m keys == T in index
+order (a running `tl.cumsum` over the ties). "Largest k" is the complement of the
+smallest n - k, which gives exactly the last k of the order.
+- scope="row": one program per row; the row is held in registers when it fits
+  (<= 32768 elements) and re-read per round otherwise.
+- scope="tensor": one launch per radix round, each program adding its local
+  histogram to a global 256-bin histogram with `tl.atomic_add`; a one-program launch
+  picks the digit on the device (no host sync); a per-block count of the ties,
+  its exclusive prefix sum, and a final pass write the mask. The only temporaries
+  are 256-bin histograms and one int32 per 4096-element block, never a full-size
+  tensor, and int64 offsets keep it correct beyond 2^24 (and 2^31) elements.
+`wanda_prune_` computes the score |W| * sqrt(s) on the fly inside the same kernels
+and zeroes the selected weights in place: no score tensor, no sort, no int64 indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._runtime import interpreting, next_pow2, tl, triton, use_triton
+from .wanda_score import wanda_score_reference
+
+__all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_reference_"]
+
+_SCOPES = ("row", "tensor")
+_MAX_SINGLE = 32768  # longest row held in registers in one block
+_CHUNK = 4096  # block for rows longer than that (re-read each round, L2-resident)
+_TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _count(n: int, ratio: float, k: int | None) -> int:
+    if k is not None:
+        k = int(k)
+        if not 0 <= k <= n:
+            raise ValueError(f"k={k} must lie in [0, {n}]")
+        return k
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio={ratio} must lie in [0, 1]")
+    return int(n * ratio)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be 'row' or 'tensor', got {scope!r}")
+
+
+def topk_mask_reference(
+    scores: torch.Tensor,
+    ratio: float,
+    largest: bool = True,
+    scope: str = "row",
+    k: int | None = None,
+) -> torch.Tensor:
+    """Bool mask of the k largest (or smallest) scores, via torch.sort(stable=True).
+
+    The formulation of Wanda (lowest k per row) and Antidote (highest k per row);
+    the source of truth for the tie rule in the module docstring.
+    """
+    _check_scope(scope)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension")
+    x = scores.float()
+    x = x.reshape(1, -1) if scope == "tensor" else x.reshape(-1, scores.shape[-1])
+    n = x.shape[-1]
+    kk = _count(n, ratio, k)
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if kk > 0 and x.numel() > 0:
+        idx = torch.sort(x, dim=-1, stable=True)[1]
+        sel = idx[:, n - kk :] if largest else idx[:, :kk]
+        mask.scatter_(1, sel, True)
+    return mask.reshape(scores.shape)
+
+
+def wanda_prune_reference_(
+    W: torch.Tensor,
+    sq_norms: torch.Tensor,
+    ratio: float,
+    largest: bool = False,
+    scope: str = "row",
+    k: int | None = None,
+) -> torch.Tensor:
+    """Zero, in place, the weights whose Wanda score is among the k smallest (largest); returns W."""
+    mask = topk_mask_reference(wanda_score_reference(W, sq_norms), ratio, largest, scope, k)
+    W.masked_fill_(mask, 0)
+    return W
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _ordered_key(x, SHIFT: tl.constexpr):
+    """fp32 -> int32 whose signed order is the float order (NaN on top, -0 == +0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    key = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+    key = tl.where(x != x, 0x7FFFFFFF, key)
+    if SHIFT > 0:
+        key = key >> SHIFT
+    return key
+
+
+@triton.jit
+def _load_keys(X, S, offs, scol, valid, MODE: tl.constexpr, SHIFT: tl.constexpr):
+    """Keys of the elements at X + offs: the scores themselves (MODE 0) or the
+    Wanda score |X| * sqrt(S[scol]) computed on the fly (MODE 1)."""
+    x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+    if MODE == 1:
+        s = tl.load(S + scol, mask=valid, other=0.0).to(tl.float32)
+        x = tl.abs(x) * tl.sqrt_rn(s)
+    return _ordered_key(x, SHIFT)
+
+
+@triton.jit
+def _digit(key, r: tl.constexpr, ROUNDS: tl.constexpr):
+    """8-bit digit r (0 = most significant) of a key with 8*ROUNDS significant bits."""
+    shift: tl.constexpr = 8 * (ROUNDS - 1 - r)
+    if r == 0:
+        d = (key >> shift) + 128
+    else:
+        d = (key >> shift) & 0xFF
+    return d
+
+
+@triton.jit
+def _in_prefix(key, prefix, r: tl.constexpr, ROUNDS: tl.constexpr):
+    """Whether the top r digits of key equal prefix (always true for r == 0)."""
+    if r == 0:
+        res = key == key
+    else:
+        shift: tl.constexpr = 8 * (ROUNDS - r)
+        res = (key >> shift) == prefix
+    return res
+
+
+@triton.jit
+def _masked_hist(digit, include, BLOCK: tl.constexpr):
+    """256-bin histogram of digit over the included lanes only.
+
+    Portable across Triton versions without `mask=`: excluded lanes go to bin 0 and
+    their number is subtracted from bin 0 afterwards.
+    """
+    bins = tl.arange(0, 256)
+    h = tl.histogram(tl.where(include, digit, 0), 256)
+    n_out = BLOCK - tl.sum(include.to(tl.int32), 0)
+    return h - tl.where(bins == 0, n_out, 0)
+
+
+@triton.jit
+def _pick_bin(hist, remaining):
+    """Bin holding the remaining-th smallest element, and how many lie in lower bins."""
+    bins = tl.arange(0, 256)
+    cum = tl.cumsum(hist, 0)
+    b = tl.sum((cum < remaining).to(tl.int32), 0)
+    below = tl.sum(tl.where(bins < b, hist, 0), 0)
+    return b, below
+
+
+@triton.jit
+def _row_select_kernel(
+    X, S, OUT, n_cols, stride_x, stride_o, j_count,
+    MODE: tl.constexpr, WRITE: tl.constexpr, INVERT: tl.constexpr,
+    ROUNDS: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+):
+    """One program per row: select the first j_count elements of the row under the
+    tie rule (or the complement if INVERT); write an int8 mask (WRITE 0) or zero
+    the selected elements of X in place (WRITE 1)."""
+    row = tl.program_id(0).to(tl.int64)
+    xrow = X + row * stride_x
+    offs = tl.arange(0, BLOCK)
+    prefix = tl.full([], 0, tl.int32)
+    remaining = tl.full([], 0, tl.int32) + j_count
+    if SINGLE:
+        valid0 = offs < n_cols
+        key0 = _load_keys(xrow, S, offs, offs, valid0, MODE, SHIFT)
+    for r in tl.static_range(ROUNDS):
+        hist = tl.zeros([256], dtype=tl.int32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            valid = cols < n_cols
+            if SINGLE:
+                key = key0
+            else:
+                key = _load_keys(xrow, S, cols, cols, valid, MODE, SHIFT)
+            inc = valid & _in_prefix(key, prefix, r, ROUNDS)
+            hist += _masked_hist(_digit(key, r, ROUNDS), inc, BLOCK)
+        b, below = _pick_bin(hist, remaining)
+        remaining -= below
+        if r == 0:
+            prefix = b - 128
+        else:
+            prefix = prefix * 256 + b
+    # prefix is now the key T of the j-th smallest element; take every key < T and
+    # the first `remaining` keys == T in index order.
+    seen = tl.full([], 0, tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        valid = cols < n_cols
+        if SINGLE:
+            key = key0
+        else:
+            key = _load_keys(xrow, S, cols, cols, valid, MODE, SHIFT)
+        eq = ((key == prefix) & valid).to(tl.int32)
+        rank = seen + tl.cumsum(eq, 0) - eq
+        sel = (key < prefix) | ((eq != 0) & (rank < remaining))
+        seen += tl.sum(eq, 0)
+        if INVERT:
+            sel = ~sel
+        sel = sel & valid
+        if WRITE == 0:
+            tl.store(OUT + row * stride_o + cols, sel.to(tl.int8), mask=valid)
+        else:
+            tl.store(xrow + cols, tl.zeros([BLOCK], dtype=X.dtype.element_ty), mask=sel)
+
+
+@triton.jit
+def _tensor_hist_kernel(
+    X, S, HIST, STATE, numel, n_cols,
+    r: tl.constexpr, MODE: tl.constexpr, ROUNDS: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Radix round r over the whole tensor: add the local histogram of digit r of the
+    keys matching the current prefix (STATE[0]) into HIST[r] with atomics."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    prefix = tl.load(STATE)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, nprog.to(tl.int64) * BLOCK):
+        idx = start + offs
+        valid = idx < numel
+        key = _load_keys(X, S, idx, idx % n_cols, valid, MODE, SHIFT)
+        inc = valid & _in_prefix(key, prefix, r, ROUNDS)
+        hist += _masked_hist(_digit(key, r, ROUNDS), inc, BLOCK)
+    tl.atomic_add(HIST + r * 256 + tl.arange(0, 256), hist)
+
+
+@triton.jit
+def _tensor_pick_kernel(HIST, STATE, r: tl.constexpr):
+    """One program: pick digit r from HIST[r] and update STATE = [prefix, remaining]."""
+    hist = tl.load(HIST + r * 256 + tl.arange(0, 256))
+    prefix = tl.load(STATE)
+    remaining = tl.load(STATE + 1)
+    b, below = _pick_bin(hist, remaining)
+    if r == 0:
+        prefix = b - 128
+    else:
+        prefix = prefix * 256 + b
+    tl.store(STATE, prefix)
+    tl.store(STATE + 1, remaining - below)
+
+
+@triton.jit
+def _tensor_eqcount_kernel(
+    X, S, STATE, COUNTS, numel, n_cols, MODE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """COUNTS[block] = number of keys equal to the threshold T = STATE[0] in the block."""
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < numel
+    key = _load_keys(X, S, idx, idx % n_cols, valid, MODE, SHIFT)
+    thr = tl.load(STATE)
+    tl.store(COUNTS + pid, tl.sum(((key == thr) & valid).to(tl.int32), 0))
+
+
+@triton.jit
+def _tensor_apply_kernel(
+    X, S, OUT, STATE, BEFORE, numel, n_cols,
+    MODE: tl.constexpr, WRITE: tl.constexpr, INVERT: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Final pass: select keys < T and the first STATE[1] keys == T in flat order;
+    BEFORE[block] is the number of keys == T in earlier blocks."""
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < numel
+    key = _load_keys(X, S, idx, idx % n_cols, valid, MODE, SHIFT)
+    thr = tl.load(STATE)
+    m = tl.load(STATE + 1)
+    eq = ((key == thr) & valid).to(tl.int32)
+    rank = tl.load(BEFORE + pid) + tl.cumsum(eq, 0) - eq
+    sel = (key < thr) | ((eq != 0) & (rank < m))
+    if INVERT:
+        sel = ~sel
+    sel = sel & valid
+    if WRITE == 0:
+        tl.store(OUT + idx, sel.to(tl.int8), mask=valid)
+    else:
+        tl.store(X + idx, tl.zeros([BLOCK], dtype=X.dtype.element_ty), mask=sel)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _key_format(dtype: torch.dtype) -> tuple[int, int]:
+    """(radix rounds, right shift) of the order-preserving key for scores of this dtype."""
+    if dtype == torch.bfloat16:
+        return 2, 16
+    if dtype == torch.float16:
+        return 3, 8
+    return 4, 0
+
+
+def _row_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None = None) -> None:
+    """Per-row select on a 2-D X with unit column stride (mask into out, or X zeroed in place)."""
+    n_rows, n_cols = X.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    rounds, shift = _key_format(X.dtype if mode == 0 else torch.float32)
+    if block is None:
+        block = next_pow2(n_cols) if n_cols <= _MAX_SINGLE else _CHUNK
+    block = max(int(block), 256)
+    single = block >= n_cols
+    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    write = 0 if out is not None else 1
+    o = out.view(torch.int8) if out is not None else X
+    _row_select_kernel[(n_rows,)](
+        X, S if S is not None else X, o, n_cols, X.stride(0), o.stride(0), j,
+        MODE=mode, WRITE=write, INVERT=invert, ROUNDS=rounds, SHIFT=shift,
+        BLOCK=block, SINGLE=single, num_warps=num_warps,
+    )
+
+
+def _tensor_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None = None) -> None:
+    """Per-tensor select on a contiguous X (mask into out, or X zeroed in place)."""
+    numel = X.numel()
+    if numel == 0:
+        return
+    if numel >= 2**31 - 1:
+        raise ValueError("per-tensor top-k supports fewer than 2^31 elements (int32 histogram counts)")
+    n_cols = X.shape[-1] if X.dim() > 0 else 1
+    rounds, shift = _key_format(X.dtype if mode == 0 else torch.float32)
+    block = int(block or _TENSOR_BLOCK)
+    dev = X.device
+    hist = torch.zeros((rounds, 256), dtype=torch.int32, device=dev)
+    state = torch.tensor([0, j], dtype=torch.int32, device=dev)
+    n_blocks = triton.cdiv(numel, block)
+    if dev.type == "cuda":
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        hist_grid = min(n_blocks, 8 * sms)
+    else:  # interpreter: few large programs are fastest
+        hist_grid = min(n_blocks, 8)
+    Sx = S if S is not None else X
+    for r in range(rounds):
+        _tensor_hist_kernel[(hist_grid,)](
+            X, Sx, hist, state, numel, n_cols, r=r, MODE=mode, ROUNDS=rounds, SHIFT=shift, BLOCK=block
+        )
+        _tensor_pick_kernel[(1,)](hist, state, r=r)
+    counts = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    _tensor_eqcount_kernel[(n_blocks,)](X, Sx, state, counts, numel, n_cols, MODE=mode, SHIFT=shift, BLOCK=block)
+    before = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    write = 0 if out is not None else 1
+    o = out.view(torch.int8) if out is not None else X
+    _tensor_apply_kernel[(n_blocks,)](
+        X, Sx, o, state, before, numel, n_cols,
+        MODE=mode, WRITE=write, INVERT=invert, SHIFT=shift, BLOCK=block,
+    )
+
+
+def _prep_scores(scores: torch.Tensor) -> torch.Tensor:
+    if not scores.is_floating_point():
+        scores = scores.float()
+    elif scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        scores = scores.float()
+    if interpreting() and scores.dtype == torch.bfloat16:
+        scores = scores.float()  # the interpreter's bf16 loads are wrong; fp32 keys order the same
+    return scores.contiguous()
+
+
+def _select(
+    X: torch.Tensor, S: torch.Tensor | None, out: torch.Tensor | None, n: int, kk: int,
+    largest: bool, scope: str, mode: int, block: int | None,
+) -> None:
+    j = n - kk if largest else kk
+    launch = _row_launch if scope == "row" else _tensor_launch
+    X2 = X.reshape(-1, X.shape[-1]) if scope == "row" else X
+    out2 = None if out is None else (out.reshape(X2.shape))
+    launch(X2, S, out2, j, largest, mode, block)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def topk_mask(
+    scores: torch.Tensor,
+    ratio: float,
+    largest: bool = True,
+    scope: str = "row",
+    k: int | None = None,
+    out: torch.Tensor | None = None,
+    _block: int | None = None,
+) -> torch.Tensor:
+    """Bool mask of the k = int(n * ratio) largest (or smallest) scores per row or per tensor.
+
+    Ties follow the module's rule (the torch.sort(stable=True) order). Triton radix
+    select on CUDA (no sort, no int64 indices); the sort reference on CPU.
+    `out` (bool, scores' shape) receives the mask if given.
+    """
+    _check_scope(scope)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension")
+    n = scores.numel() if scope == "tensor" else scores.shape[-1]
+    kk = _count(n, ratio, k)
+    if not use_triton(scores):
+        mask = topk_mask_reference(scores, ratio, largest, scope, kk)
+        if out is None:
+            return mask
+        out.copy_(mask)
+        return out
+    x = _prep_scores(scores)
+    if out is None:
+        out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    elif out.shape != scores.shape or out.dtype != torch.bool or not out.is_contiguous():
+        raise ValueError("out must be a contiguous bool tensor of the scores' shape")
+    _select(x, None, out, n, kk, largest, scope, 0, _block)
+    return out
+
+
+def wanda_prune_(
+    W: torch.Tensor,
+    sq_norms: torch.Tensor,
+    ratio: float,
+    largest: bool = False,
+    scope: str = "row",
+    k: int | None = None,
+    _block: int | None = None,
+) -> torch.Tensor:
+    """Zero in place the weights with the k smallest (largest) Wanda scores |W|*sqrt(s); returns W.
+
+    Per row (Wanda, Antidote) or per tensor. On CUDA one fused kernel computes the
+    score on the fly, radix-selects and writes zeros: no score tensor, sort or indices.
+    """
+    _check_scope(scope)
+    if W.dim() != 2 or sq_norms.dim() != 1 or sq_norms.shape[0] != W.shape[1]:
+        raise ValueError(
+            f"wanda_prune_ needs W [d_out, d_in] and sq_norms [d_in], got {tuple(W.shape)} and {tuple(sq_norms.shape)}"
+        )
+    n = W.numel() if scope == "tensor" else W.shape[1]
+    kk = _count(n, ratio, k)
+    if not use_triton(W, sq_norms):
+        return wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
+    if interpreting() and W.dtype == torch.bfloat16:
+        work = W.float()
+        _select(work, sq_norms.float().contiguous(), None, n, kk, largest, scope, 1, _block)
+        W.copy_(work)
+        return W
+    work = W if W.is_contiguous() else W.contiguous()
+    _select(work, sq_norms.contiguous(), None, n, kk, largest, scope, 1, _block)
+    if work is not W:
+        W.copy_(work)
+    return W
