@@ -131,7 +131,7 @@ def parse_header(raw_prefix: bytes, file_size: int, path: Path) -> SafetensorsHe
         if not isinstance(entry, dict):
             raise _corrupt(path, f"entry {name!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
