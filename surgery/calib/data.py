@@ -1,0 +1,207 @@
+"""Calibration and evaluation data: JSONL files in, token ids with a response mask out.
+
+Files are JSONL, one object a line: `{"prompt": ..., "response": ...}` for calibration
+and fine-tuning, `{"prompt": ...}` for evaluation prompts. Every problem a user can
+cause (missing or empty file, a line that is not JSON, a missing or non-string field)
+raises `DataError` with a one-line message naming the file and line.
+
+Tokenization uses the model's own chat template when it has one (a user turn and an
+assistant turn), else `prompt + "\\n" + response + EOS`. The response span is found
+without trusting the template's internals: the prompt-only rendering (with
+`add_generation_prompt=True` for templates) is tokenized too and the response starts
+where the two token sequences first differ.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import DataError
+
+__all__ = ["Sample", "load_jsonl", "load_pairs", "load_prompts", "tokenize_pairs", "tokenize_prompts"]
+
+
+@dataclass
+class Sample:
+    """One tokenized sequence: ids [T] (int64) and the mask of its response tokens [T] (bool)."""
+
+    input_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def load_jsonl(path: str | Path, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Objects of a JSONL file, each checked to carry string `fields`; blank lines are skipped.
+
+    Stops after `limit` records (lines after that are not read). Raises `DataError`.
+    """
+    path = Path(path)
+    if limit is not None and limit <= 0:
+        raise DataError(f"the number of samples must be positive, got {limit}")
+    if not path.exists():
+        raise DataError(f"{path} does not exist; give a JSONL file with one {_shape(fields)} object a line")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a JSONL file with one {_shape(fields)} object a line")
+    records: list[dict[str, Any]] = []
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if limit is not None and len(records) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object {_shape(fields)}, got {type(obj).__name__}")
+                for field in fields:
+                    if field not in obj:
+                        raise DataError(f"{path}:{lineno}: missing field {field!r}; each line needs {_shape(fields)}")
+                    if not isinstance(obj[field], str):
+                        raise DataError(
+                            f"{path}:{lineno}: field {field!r} must be a string, got {type(obj[field]).__name__}"
+                        )
+                records.append(obj)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); give a JSONL file") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror})") from None
+    if not records:
+        raise DataError(f"{path} holds no records; give a JSONL file with one {_shape(fields)} object a line")
+    return records
+
+
+def _shape(fields: Iterable[str]) -> str:
+    return "{" + ", ".join(f'"{f}": ...' for f in fields) + "}"
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """`{"prompt", "response"}` records of a JSONL file (calibration, fine-tuning data)."""
+    return load_jsonl(path, ("prompt", "response"), limit)
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The `"prompt"` strings of a JSONL file (evaluation prompts)."""
+    return [r["prompt"] for r in load_jsonl(path, ("prompt",), limit)]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer: Any, prompt: str, response: str | None) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if response is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": response})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt as the model sees it before answering (generation prompt included)."""
+    if chat_template and _has_template(tokenizer):
+        return _encode(tokenizer, _render(tokenizer, prompt, None), add_special_tokens=False)
+    return _encode(tokenizer, prompt, add_special_tokens=True)
+
+
+def _pair_ids(tokenizer: Any, prompt: str, response: str, chat_template: bool) -> tuple[list[int], int]:
+    """Full ids of a pair and the index where its response starts."""
+    if chat_template and _has_template(tokenizer):
+        prefix = _encode(tokenizer, _render(tokenizer, prompt, None), add_special_tokens=False)
+        full = _encode(tokenizer, _render(tokenizer, prompt, response), add_special_tokens=False)
+    else:
+        prefix = _encode(tokenizer, prompt, add_special_tokens=True)
+        sep = "" if not prompt or prompt[-1].isspace() or not response or response[0].isspace() else "\n"
+        full = _encode(tokenizer, prompt + sep + response, add_special_tokens=True)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(eos, int) and (not full or full[-1] != eos):
+            full.append(eos)
+    # the response starts where the prompt-only and the full token sequences first differ
+    start = 0
+    limit = min(len(prefix), len(full))
+    while start < limit and prefix[start] == full[start]:
+        start += 1
+    return full, start
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    max_length: int,
+    chat_template: bool = True,
+    on_overflow: str = "error",
+) -> list[Sample]:
+    """Tokenize `{"prompt", "response"}` pairs into `Sample`s of at most `max_length` tokens.
+
+    A pair whose prompt part alone is longer than `max_length` raises `DataError`
+    (`on_overflow="error"`, the default) or is cut (`"truncate"`); a response that
+    runs past the limit is always cut at `max_length` (its tail is dropped).
+    """
+    if max_length is None or int(max_length) <= 0:
+        raise DataError(f"max_length must be a positive number of tokens, got {max_length}")
+    if on_overflow not in ("error", "truncate"):
+        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    max_length = int(max_length)
+    samples: list[Sample] = []
+    for i, pair in enumerate(pairs, start=1):
+        for field in ("prompt", "response"):
+            if not isinstance(pair.get(field), str):
+                raise DataError(f"sample {i}: field {field!r} must be a string")
+        ids, start = _pair_ids(tokenizer, pair["prompt"], pair["response"], chat_template)
+        if start > max_length and on_overflow == "error":
+            raise DataError(
+                f"sample {i}: the prompt takes {start} tokens, more than the limit of {max_length}; "
+                "raise --max-length or allow truncation"
+            )
+        if not ids:
+            raise DataError(f"sample {i}: tokenizes to no tokens; remove it or fix the tokenizer")
+        ids = ids[:max_length]
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[min(start, len(ids)):] = True
+        samples.append(Sample(torch.tensor(ids, dtype=torch.long), mask))
+    return samples
+
+
+def tokenize_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_length: int,
+    chat_template: bool = True,
+    on_overflow: str = "error",
+) -> list[Sample]:
+    """Tokenize prompts (with the generation prompt); response masks are all False."""
+    if max_length is None or int(max_length) <= 0:
+        raise DataError(f"max_length must be a positive number of tokens, got {max_length}")
+    out: list[Sample] = []
+    for i, prompt in enumerate(prompts, start=1):
+        ids = prompt_ids(tokenizer, prompt, chat_template)
+        if len(ids) > max_length:
+            if on_overflow == "error":
+                raise DataError(
+                    f"sample {i}: the prompt takes {len(ids)} tokens, more than the limit of {max_length}; "
+                    "raise --max-length or allow truncation"
+                )
+            ids = ids[:max_length]
+        out.append(Sample(torch.tensor(ids, dtype=torch.long), torch.zeros(len(ids), dtype=torch.bool)))
+    return out
