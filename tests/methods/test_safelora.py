@@ -135,7 +135,7 @@ def test_cli_json_and_bad_input(trio, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["safelora", str(adapter), "--base", str(base), "--aligned", str(aligned),
                               "-o", str(tmp_path / "o"), "--num-layers", "1", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["n_projected"] == 1
+    assert json.loads(res.stdout)["n_projected"] == 1
     # an existing output is refused; a wrong base (other shapes) writes nothing
     res = runner.invoke(cli, ["safelora", str(adapter), "--base", str(base), "--aligned", str(aligned),
                               "-o", str(tmp_path / "o")])
