@@ -1,0 +1,362 @@
+"""SaLoRA (Li et al., ICLR 2025): LoRA fine-tuning that cannot move the safety output directions.
+
+Fit: per target module, the features Y_s = X_s W^T of the aligned model on safety data
+(response tokens only, as the reference's ActLinear with `disentangle`) and their top-R
+left singular directions in output space, U [d_out, R]; the fixed module is
+C = I - U U^T, stored as U. U spans the top-R eigenvectors of the output covariance
+Y_s^T Y_s (what `surgery.calib.stats` accumulates, so Y never has to be held):
+- `solver="eigh"`: exact symmetric eigendecomposition (fp64) of Y^T Y;
+- `solver="randomized"`: seeded randomized subspace iteration on Y^T Y with R + 8
+  columns and `niter`=30 iterations, then Rayleigh-Ritz (the reference runs
+  `torch.svd_lowrank(Y, q=32, niter=30)`, the same power method on Y's Gram matrix,
+  unseeded and without oversampling);
+- `solver="auto"` (default): eigh when d_out <= 4096 (exact and cheap at that size),
+  randomized above.
+Signs and rotations of U do not matter: only the subspace enters C.
+
+Apply: fold an existing adapter, B' = C B = B - U (U^T B) (the reference's
+`process_lora.py`), so h = W x + s C B A x with a plain peft adapter.
+
+Fine-tune: `salora_prepare(module_path)` returns a `prepare_model` hook for
+`surgery.methods.finetune.train_loop`/`finetune`: every peft LoRA layer with a fitted U
+gets a forward hook on its lora_B that projects the LoRA output with
+`surgery.kernels.salora_project` (h = W x + s C B A x, autograd through C), and a
+state-dict hook that writes C B instead of B, so `save_pretrained` produces a plain peft
+adapter (folding is idempotent, C C = C, so reloading and training on is consistent).
+The paper's task-specific initialisation (PiSSA-style W_res = W - C B0 A0) is not implemented.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import InputNotFoundError, MismatchError, SurgeryError
+from surgery.io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter
+from surgery.io.atomic import check_output
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.provenance import provenance
+from surgery.io.writer import CheckpointWriter, TensorSpec, write_tensors
+from surgery.kernels.salora_project import salora_fold, salora_project
+from surgery.progress import track
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+DEFAULT_SAMPLES = 128
+DEFAULT_MAX_LENGTH = 256
+DEFAULT_NITER = 30
+DEFAULT_OVERSAMPLE = 8
+EIGH_MAX_DIM = 4096
+SOLVERS = ("auto", "eigh", "randomized")
+KIND = "salora-module"
+U_SUFFIX = ".salora_U"
+REPORT_NAME = "salora_report.json"
+
+
+# --------------------------------------------------------------------------- the subspace
+
+
+def top_eigenvectors(G: torch.Tensor, rank: int, solver: str = "auto", niter: int = DEFAULT_NITER,
+                     seed: int = 0, oversample: int = DEFAULT_OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` eigenpairs of a symmetric PSD matrix G [d, d]: (U [d, rank] fp32, eigenvalues fp64, descending).
+
+    eigh: exact. randomized: Z = G Omega with k = rank + oversample Gaussian columns
+    (from `seed`), `niter` times Q = orth(Z), Z = G Q, then the Rayleigh-Ritz step on
+    span(Z) and the top `rank` Ritz vectors. Oversampling (absent in the reference's
+    `svd_lowrank(q=32)`) makes the result converge where eigenvalues near rank R are close.
+    """
+    d = G.shape[0]
+    if not 1 <= rank <= d:
+        raise SurgeryError(f"--rank must be between 1 and the output dimension {d}, got {rank}")
+    if solver == "auto":
+        solver = "eigh" if d <= EIGH_MAX_DIM else "randomized"
+    Gd = G.double()
+    Gd = (Gd + Gd.T) / 2
+    if solver == "eigh":
+        vals, vecs = torch.linalg.eigh(Gd)
+        order = torch.argsort(vals, descending=True, stable=True)[:rank]
+        return vecs[:, order].float().contiguous(), vals[order]
+    if solver != "randomized":
+        raise SurgeryError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = min(d, rank + max(0, oversample))
+    omega = torch.randn(d, k, generator=gen, dtype=torch.float64).to(Gd.device)
+    Z = Gd @ omega
+    for _ in range(niter):
+        Q, _ = torch.linalg.qr(Z)
+        Z = Gd @ Q
+    Q, _ = torch.linalg.qr(Z)
+    vals, vecs = torch.linalg.eigh(Q.T @ Gd @ Q)
+    order = torch.argsort(vals, descending=True, stable=True)[:rank]
+    return (Q @ vecs[:, order]).float().contiguous(), vals[order]
+
+
+@dataclass
+class ModuleFit:
+    """One fitted module: its U's shape and how much of the safety output energy U holds."""
+
+    module: str
+    d_out: int
+    rank: int
+    tokens: int
+    energy: float  # sum of the top-R eigenvalues / trace of Y^T Y
+
+
+@dataclass
+class FitReport:
+    """Result of `fit_salora`."""
+
+    out: str
+    rank: int
+    solver: str
+    modules: list[ModuleFit] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_salora(
+    aligned: str | Path,
+    safety: str | Path,
+    out: str | Path,
+    *,
+    rank: int,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    n_samples: int | None = DEFAULT_SAMPLES,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    solver: str = "auto",
+    niter: int = DEFAULT_NITER,
+    seed: int = 0,
+    batch_size: int = 8,
+    force: bool = False,
+) -> FitReport:
+    """Fit SaLoRA's fixed safety module on `aligned` with `safety` pairs and write U per module to `out`.
+
+    One whole-model forward in fp32 over the first `n_samples` pairs, response tokens
+    only; Y^T Y per target Linear via `surgery.calib.stats`; the top-`rank` output
+    directions per module. Output: a safetensors file `{module}.salora_U` -> [d_out, rank].
+    """
+    from surgery.calib.stats import collect_linear_stats
+    from surgery.methods.neurons import load_model_and_samples
+
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    if solver not in SOLVERS:
+        raise SurgeryError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if rank < 1:
+        raise SurgeryError(f"--rank must be a positive integer, got {rank}")
+    targets = list(targets)
+    ckpt = Checkpoint.open(aligned)
+    model, _, samples = load_model_and_samples(aligned, safety, n_samples, max_length)
+    stats = collect_linear_stats(model, samples, targets, token_mask="response", want=("yty",),
+                                 batch_size=batch_size, lora=False)
+    report = FitReport(out=str(out), rank=rank, solver=solver)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in track(sorted(stats), description="salora fit"):
+        st = stats[name]
+        if st.yty is None or st.tokens == 0:
+            raise SurgeryError(f"{name} saw no response tokens; check the safety data and --max-length")
+        U, vals = top_eigenvectors(st.yty, rank, solver, niter, seed)
+        trace = float(torch.trace(st.yty.double()))
+        energy = float(vals.clamp_min(0).sum()) / trace if trace > 0 else 0.0
+        tensors[name + U_SUFFIX] = U.cpu()
+        report.modules.append(ModuleFit(name, st.yty.shape[0], rank, st.tokens, energy))
+    params = {"rank": rank, "targets": targets, "n_samples": n_samples, "max_length": max_length,
+              "solver": solver, "niter": niter, "oversample": DEFAULT_OVERSAMPLE, "seed": seed,
+              "response_tokens_only": True}
+    meta = provenance("salora-fit", params, {"aligned": ckpt, "safety": Path(safety)})
+    meta["surgery.kind"] = KIND
+    meta["surgery.salora"] = "C = I - U U^T per module; U = top output directions of the module on safety data"
+    write_tensors(out, tensors, metadata=meta, force=force)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def load_module(path: str | Path) -> dict[str, torch.Tensor]:
+    """module path -> U [d_out, R] (fp32) from a file written by `fit_salora`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"SaLoRA module {path} does not exist; create it with `surgery salora fit`")
+    ckpt = Checkpoint.open(path)
+    if ckpt.metadata().get("surgery.kind") != KIND:
+        raise SurgeryError(f"{path} is not a SaLoRA module file (made by `surgery salora fit`)")
+    out = {}
+    for name in ckpt.names():
+        if not name.endswith(U_SUFFIX):
+            raise SurgeryError(f"{path}: unexpected tensor {name}; re-create it with `surgery salora fit`")
+        U = ckpt.get(name).float()
+        if U.dim() != 2:
+            raise SurgeryError(f"{path}: {name} is not a matrix")
+        out[name[: -len(U_SUFFIX)]] = U
+    return out
+
+
+# --------------------------------------------------------------------------- apply (fold into an adapter)
+
+
+@dataclass
+class ApplyReport:
+    """Result of `apply_salora`: which LoRA modules were folded and which had no fitted U."""
+
+    out: str
+    folded: list[str] = field(default_factory=list)
+    unprotected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, force: bool = False,
+                 allow_pickle: bool = False) -> ApplyReport:
+    """Fold C = I - U U^T into every lora_B of `adapter` that has a fitted U and write `out` atomically."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    lora = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
+    if out.resolve() == Path(adapter).resolve():
+        raise SurgeryError(f"output {out} is the input adapter; choose another output path")
+    Us = load_module(module)
+    report = ApplyReport(out=str(out))
+    new_b: dict[str, torch.Tensor] = {}
+    for path, m in sorted(lora.modules.items()):
+        U = Us.get(path)
+        if U is None:
+            report.unprotected.append(path)
+            continue
+        if m.is_dora or m.kind != "linear":
+            raise SurgeryError(f"{path}: SaLoRA folds plain linear LoRA only (DoRA and embeddings are not supported)")
+        B = lora.get(m.b_key)
+        if U.shape[0] != B.shape[0]:
+            raise MismatchError(f"{path}: U has {U.shape[0]} output rows but lora_B has {B.shape[0]}; "
+                                "fit the module on the adapter's base model")
+        new_b[m.b_key] = salora_fold(U, B.float()).to(B.dtype)
+        report.folded.append(path)
+    if not report.folded:
+        raise MismatchError(f"no module of adapter {adapter} has a fitted U in {module}; "
+                            f"the module covers {', '.join(sorted(Us)[:3])}...")
+    meta = provenance("salora-apply", {"folded": report.folded}, {"adapter": lora, "module": Path(module)})
+    names = lora.names()
+    specs = [TensorSpec.like(n, lora.info(n)) for n in names]
+    report.seconds = time.perf_counter() - started
+    extra = {CONFIG_NAME: json.dumps(dict(lora.config), indent=2, sort_keys=True) + "\n",
+             REPORT_NAME: json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"}
+    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force,
+                          weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
+        for n in names:
+            writer.write(n, new_b[n] if n in new_b else lora.get(n))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# --------------------------------------------------------------------------- fine-tuning with the fixed module
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """module path (checkpoint naming) -> peft LoRA layer."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "base_layer") and hasattr(mod, "lora_B") and isinstance(mod.lora_B, torch.nn.ModuleDict):
+            out[name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name] = mod
+    return out
+
+
+class SaloraHook:
+    """A `prepare_model(model)` hook that puts C = I - U U^T after every fitted lora_B.
+
+    After it runs: the forward is h = W x + s C B A x (gradients flow through C), and
+    `model.state_dict()` (hence peft's `save_pretrained`) holds C B in place of B, so the
+    saved adapter is a plain peft adapter. `fold_(model)` makes the fold permanent in the
+    parameters and removes the hooks; `remove()` removes them without folding.
+    `protected` / `unprotected` list the LoRA layers with and without a fitted U.
+    """
+
+    def __init__(self, module_path: str | Path) -> None:
+        self.module_path = Path(module_path)
+        self.U = load_module(module_path)
+        self.protected: list[str] = []
+        self.unprotected: list[str] = []
+        self._handles: list[Any] = []
+        self._bound: list[tuple[torch.nn.Linear, torch.Tensor]] = []
+
+    def __call__(self, model: torch.nn.Module) -> None:
+        if self._handles:
+            raise RuntimeError("this SaLoRA hook is already attached to a model")
+        layers = _lora_layers(model)
+        if not layers:
+            raise SurgeryError("the model has no peft LoRA layers; SaLoRA fine-tuning needs LoRA (not --full)")
+        for path, layer in sorted(layers.items()):
+            U = self.U.get(path)
+            if U is None:
+                self.unprotected.append(path)
+                continue
+            variants = getattr(layer, "lora_variant", {}) or {}
+            for adapter_name, lora_b in layer.lora_B.items():
+                if adapter_name in variants:
+                    raise SurgeryError(f"{path}: SaLoRA supports plain LoRA only (not DoRA or other variants)")
+                if lora_b.weight.shape[0] != U.shape[0]:
+                    raise MismatchError(f"{path}: U has {U.shape[0]} rows but lora_B has {lora_b.weight.shape[0]} "
+                                        "outputs; fit the module on this model")
+                u = U.to(lora_b.weight.device)
+                self._bound.append((lora_b, u))
+                self._handles.append(lora_b.register_forward_hook(_project_output(u)))
+                self._handles.append(lora_b.register_state_dict_post_hook(_fold_state(u)))
+            self.protected.append(path)
+        if not self.protected:
+            raise MismatchError(f"no LoRA layer of the model has a fitted U in {self.module_path}; "
+                                "fine-tune the modules the SaLoRA module was fitted on (--targets)")
+
+    def fold_(self, model: torch.nn.Module | None = None) -> None:
+        """B <- C B in every hooked lora_B, then remove the hooks (the model is a plain LoRA model again)."""
+        with torch.no_grad():
+            for lora_b, u in self._bound:
+                w = lora_b.weight
+                w.copy_(salora_fold(u.to(w.device), w.float()).to(w.dtype))
+        self.remove()
+
+    def remove(self) -> None:
+        """Detach all hooks (without folding)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._bound.clear()
+
+
+def _project_output(U: torch.Tensor) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        u = U if U.device == output.device else U.to(output.device)
+        return salora_project(output, u)
+    return hook
+
+
+def _fold_state(U: torch.Tensor) -> Any:
+    def hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            state_dict[key] = salora_fold(U.to(w.device), w.detach().float()).to(w.dtype)
+    return hook
+
+
+def salora_prepare(module_path: str | Path) -> SaloraHook:
+    """The `prepare_model` hook for SaLoRA fine-tuning with the module at `module_path`.
+
+    `finetune(model_dir, pairs, out, prepare_model=salora_prepare(m), targets=[...])`
+    trains with h = W x + s C B A x and saves a plain peft adapter (C folded into B).
+    """
+    return SaloraHook(module_path)
+
+
+def salora_targets(module_path: str | Path) -> list[str]:
+    """The short module names (e.g. q_proj, v_proj) a SaLoRA module was fitted on: use them as LoRA targets."""
+    return sorted({p.rsplit(".", 1)[-1] for p in load_module(module_path)})
