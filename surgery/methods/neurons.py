@@ -36,7 +36,6 @@ from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, write_tensors
-from surgery.kernels.activation_stats import channel_sq_norms
 from surgery.kernels.setdiff_mask import setdiff_mask
 from surgery.kernels.wanda_score import wanda_score
 from surgery.progress import track
@@ -73,22 +72,6 @@ def tokenize_file(tok: Any, data: str | Path, n_samples: int | None, max_length:
     return tokenize_pairs(tok, load_pairs(data, limit=n_samples), max_length, on_overflow="truncate")
 
 
-def batches(samples: Sequence[Any], batch_size: int, pad_id: int) -> Any:
-    """Right-padded (input_ids, attention_mask, response_mask) batches."""
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        resp = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for j, s in enumerate(chunk):
-            n = len(s)
-            ids[j, :n] = s.input_ids
-            att[j, :n] = 1
-            resp[j, :n] = s.response_mask
-        yield ids, att, resp
-
-
 def target_linears(model: torch.nn.Module, targets: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
     """name -> nn.Linear of the modules to score: the given short names, else every Linear but the output head."""
     found: dict[str, torch.nn.Linear] = {}
@@ -109,34 +92,14 @@ def target_linears(model: torch.nn.Module, targets: Sequence[str] | None) -> dic
     return found
 
 
-def _pad_id(tok: Any) -> int:
-    pad = getattr(tok, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tok, "eos_token_id", None)
-    return int(pad or 0)
-
-
 def input_sq_norms(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], samples: Sequence[Any],
-                   pad_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per module, sum over response tokens of x_j^2 for each input channel j (fp32)."""
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float32) for n, m in modules.items()}
-    current: dict[str, torch.Tensor] = {}
+                   batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per module, sum over response tokens of x_j^2 for each input channel j (fp32), via `surgery.calib.stats`."""
+    from surgery.calib.stats import collect_linear_stats
 
-    def hook(name: str) -> Callable:
-        def fn(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            sums[name] += channel_sq_norms(args[0].detach(), current["mask"]).cpu()
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for ids, att, resp in track(list(batches(samples, batch_size, pad_id)), description="activations"):
-                current["mask"] = resp
-                model(input_ids=ids, attention_mask=att)
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
+    stats = collect_linear_stats(model, samples, list(modules), token_mask="response", want=("sq_norms",),
+                                 batch_size=batch_size, lora=False)
+    return {n: stats[n].sq_norms.cpu() for n in modules}  # type: ignore[union-attr]
 
 
 def snip_grad_sums(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], samples: Sequence[Any]
@@ -168,10 +131,10 @@ def snip_grad_sums(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
 
 
 def importance(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], samples: Sequence[Any],
-               score: str, pad_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+               score: str, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """fp32 importance of every weight of `modules` on `samples` (Wanda or SNIP), keyed by module name."""
     if score == "wanda":
-        norms = input_sq_norms(model, modules, samples, pad_id, batch_size)
+        norms = input_sq_norms(model, modules, samples, batch_size)
         return {n: wanda_score(m.weight.detach(), norms[n]) for n, m in modules.items()}
     if score == "snip":
         grads = snip_grad_sums(model, modules, samples)
@@ -278,9 +241,8 @@ def find_neurons(
     utility_samples = tokenize_file(tok, utility, n_samples, max_length)
     modules = target_linears(model, targets)
     keys = {n: _checkpoint_key(f"{n}.weight", ckpt) for n in modules}
-    pad = _pad_id(tok)
-    s_scores = importance(model, modules, safety_samples, score, pad, batch_size)
-    u_scores = importance(model, modules, utility_samples, score, pad, batch_size)
+    s_scores = importance(model, modules, safety_samples, score, batch_size)
+    u_scores = importance(model, modules, utility_samples, score, batch_size)
     masks = mask_from_scores(s_scores, u_scores, p, q)
     report = NeuronsReport(out=str(out), score=score, p=p, q=q)
     tensors: dict[str, torch.Tensor] = {}
