@@ -1,0 +1,78 @@
+"""Layer-by-layer statistics from a checkpoint equal the whole-model hook statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery.calib.data import Sample
+from surgery.calib.layerwise import calibrate_layerwise
+from surgery.calib.stats import collect_linear_stats
+from tests.factories import make_adapter, make_base
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+    return [Sample(torch.randint(0, 96, (n,), generator=g), torch.arange(n) >= n // 2) for n in (5, 9, 7)]
+
+
+def _assert_same(whole, layerwise):
+    assert whole.keys() == layerwise.keys()
+    for k in whole:
+        assert whole[k].tokens == layerwise[k].tokens
+        for attr in ("sq_norms", "xtx"):
+            a, b = getattr(whole[k], attr), getattr(layerwise[k], attr)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_layerwise_equals_whole_model(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(tmp_path / arch, arch)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for batch_size, mask in ((1, "all"), (2, "response")):
+        whole = collect_linear_stats(model, _samples(), token_mask=mask, want=("sq_norms", "xtx"),
+                                     batch_size=batch_size)
+        assert len(whole) == 14
+        lw = calibrate_layerwise(base, _samples(), token_mask=mask, want=("sq_norms", "xtx"), batch_size=batch_size)
+        _assert_same(whole, lw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_layerwise_with_adapter_equals_peft(tmp_path, arch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from surgery.io.adapter import LoraAdapter
+
+    base = make_base(tmp_path / arch, arch)
+    adapter = make_adapter(base, tmp_path / "ad", target_modules=["q_proj", "v_proj", "down_proj"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    whole = collect_linear_stats(model, _samples(), targets)
+    assert len(whole) == 2 * 3 * 3
+    _assert_same(whole, calibrate_layerwise(base, _samples(), targets, adapter=LoraAdapter.open(adapter)))
+
+
+def test_on_layer_modification_propagates(tmp_path):
+    """Zeroing layer 0's down_proj in `on_layer` changes what layer 1 sees, as a modified model would."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    whole = collect_linear_stats(model, _samples())
+
+    def zero(ctx):
+        if ctx.index == 0:
+            ctx.linear("model.layers.0.mlp.down_proj").weight.zero_()
+
+    lw = calibrate_layerwise(base, _samples(), on_layer=zero)
+    # layer 0's statistics come from the unmodified layer (Wanda's order), later ones from the modified outputs
+    for k in whole:
+        if k.startswith("model.layers.1."):
+            torch.testing.assert_close(lw[k].sq_norms, whole[k].sq_norms, rtol=1e-6, atol=1e-6)
+    assert lw["model.layers.0.mlp.down_proj"].sq_norms.sum() > 0
