@@ -283,6 +283,14 @@ def _safe_div(a: float, b: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------ all together
+def unchanged_metrics(w: torch.Tensor) -> DeltaMetrics:
+    """The metrics of ΔW = 0 without touching a zero tensor (tensors an adapter leaves alone)."""
+    norm_w = float(torch.linalg.vector_norm(w.to(torch.float32), dtype=torch.float64))
+    is_matrix = w.ndim >= 2 and min(as_matrix(w).shape) > 1
+    return DeltaMetrics(norm_w=norm_w, norm_delta=0.0, rel_change=0.0, cosine=1.0 if norm_w > 0 else None,
+                        max_abs=0.0, changed_share=0.0, numerical_rank=0 if is_matrix else None)
+
+
 def delta_metrics(
     w: torch.Tensor,
     delta: Delta,

@@ -1,0 +1,35 @@
+"""Where a tensor sits in the model, parsed from its name alone (any architecture).
+
+`model.layers.3.self_attn.q_proj.weight` -> stack `model.layers`, layer 3, module type
+`self_attn.q_proj`; `transformer.h.0.mlp.c_proj.bias` -> `transformer.h`, 0, `mlp.c_proj`.
+The first all-digit component is the layer index; further indices (MoE experts) become
+`*` so that experts aggregate into one type. Names without an index (embeddings, the
+final norm, the head) have no layer and keep their path as their type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARAM_SUFFIXES = ("weight", "bias")
+
+
+@dataclass(frozen=True)
+class TensorPlace:
+    """Parsed position: `stack` (the container of the layers), `layer` index, module `type`."""
+
+    stack: str | None
+    layer: int | None
+    type: str
+
+
+def parse_name(name: str) -> TensorPlace:
+    """Split a tensor name into (stack, layer, module type); see the module docstring."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in PARAM_SUFFIXES:
+        parts = parts[:-1]
+    for i, part in enumerate(parts):
+        if part.isdigit() and 0 < i < len(parts) - 1:
+            rest = ["*" if p.isdigit() else p for p in parts[i + 1:]]
+            return TensorPlace(".".join(parts[:i]), int(part), ".".join(rest))
+    return TensorPlace(None, None, ".".join(parts))
