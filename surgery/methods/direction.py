@@ -1,0 +1,648 @@
+"""Refusal-direction ablation and addition (Arditi et al. 2024, "Refusal is mediated by a single direction").
+
+What: the difference of means between harmful and harmless activations at the input of
+each decoder block (resid_pre), at each post-instruction template position (the chat
+template tokens after the user message), gives one candidate direction per (position,
+layer). The chosen direction is either
+
+- ablated (the attack): every matrix that writes into the residual stream is
+  orthogonalised, W <- W - r r^T W, for the embedding, every attention output projection
+  and every MLP down projection (and their biases when they have one), so no layer can
+  write along r any more; or
+- added (the defense, ActAdd): coeff * (harmful mean - harmless mean) is added to the
+  residual stream at the input of the chosen layer, as a bias of the previous layer's MLP
+  down projection (see `add_site` below for architectures without an MLP bias).
+
+Automatic selection follows the paper: for every candidate, the refusal score on held-out
+harmful prompts is measured with the direction ablated at inference time; candidates at
+layers >= 0.8 L and candidates whose first-token KL on held-out harmless prompts exceeds
+`kl_limit` are discarded; the lowest refusal score wins. The refusal score is the log-odds
+of the refusal tokens at the last position: log p - log(1 - p), p = sum of P(token).
+
+Our own code, written from the paper's formulas; the reference implementation is
+andyrdt/refusal_direction (Apache-2.0); heretic (AGPL) was not used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import DataError, InputNotFoundError, MismatchError, SurgeryError
+
+DIRECTION_FILE = "refusal_direction.safetensors"
+REPORT_FILE = "surgery_edit.json"
+DEFAULT_REFUSAL_PHRASES = ("I", "Sorry", "sorry", "I'm", "As", "Unfortunately", "i")
+MAX_LAYER_FRACTION = 0.8
+
+# Module names (relative to a decoder block) of the projections that write into the residual stream.
+_ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attn.out_proj", "self_attention.dense", "attention.dense")
+_MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.fc2", "mlp.dense_4h_to_h")
+
+
+# --- model layout ----------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where a causal LM writes into its residual stream.
+
+    `blocks` are the decoder block names; `attn_out` and `mlp_out` the qualified names of
+    each block's output projections; `embeddings` the embedding modules outside the blocks
+    (token and, for GPT-2, position embeddings); `transposed` names the projections whose
+    weight is stored [d_in, d_out] (GPT-2 Conv1D) instead of torch's [d_out, d_in].
+    """
+
+    blocks: list[str]
+    attn_out: list[str]
+    mlp_out: list[str]
+    embeddings: list[str]
+    transposed: set[str] = field(default_factory=set)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def parent(self, name: str) -> str:
+        """The module that owns `name` (e.g. the MLP of a down projection)."""
+        return name.rsplit(".", 1)[0]
+
+
+def residual_layout(model: torch.nn.Module) -> Layout:
+    """Find the decoder blocks and residual-writing projections of a Hugging Face causal LM.
+
+    Supports the Llama family (Llama, Qwen2, Mistral, Gemma, ...) and GPT-2-style models;
+    anything else raises `MismatchError` naming what was not found.
+    """
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    modules = dict(model.named_modules())
+    lists = [(name, m) for name, m in modules.items() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not n or not lists:
+        raise MismatchError("could not find the decoder blocks of this model: only Llama-family and GPT-2-style "
+                            "causal LMs are supported")
+    prefix = lists[0][0]
+    blocks = [f"{prefix}.{i}" for i in range(n)]
+    attn_out, mlp_out = [], []
+    for b in blocks:
+        a = next((f"{b}.{s}" for s in _ATTN_OUT if f"{b}.{s}" in modules), None)
+        m = next((f"{b}.{s}" for s in _MLP_OUT if f"{b}.{s}" in modules), None)
+        if a is None or m is None:
+            raise MismatchError(f"block {b} has no recognised attention output or MLP down projection "
+                                f"(looked for {', '.join(_ATTN_OUT)} / {', '.join(_MLP_OUT)})")
+        attn_out.append(a)
+        mlp_out.append(m)
+    embeddings = [name for name, m in modules.items()
+                  if isinstance(m, torch.nn.Embedding) and not name.startswith(prefix + ".")]
+    transposed = {name for name in attn_out + mlp_out if type(modules[name]).__name__ == "Conv1D"}
+    return Layout(blocks, attn_out, mlp_out, embeddings, transposed)
+
+
+def module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called `name`."""
+    return model.get_submodule(name)
+
+
+# --- tokens and batches ----------------------------------------------------------------------
+
+
+def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt as the model sees it: its chat template with the generation prompt, else plain tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+
+
+def post_instruction_length(tokenizer: Any, encoded: Sequence[Sequence[int]]) -> int:
+    """How many template tokens follow the user message (Arditi's `eoi_toks`), at least 1.
+
+    Rendered from the chat template with a sentinel message and checked against the
+    encoded prompts; without a chat template only the last prompt token is used.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return 1
+    sentinel = "SURGERYSENTINEL"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True,
+                                         tokenize=False)
+    suffix = text.split(sentinel, 1)[-1] if sentinel in text else ""
+    eoi = [int(i) for i in tokenizer(suffix, add_special_tokens=False)["input_ids"]] if suffix.strip() else []
+    n = len(eoi)
+    while n > 0 and not all(len(s) > n and list(s[-n:]) == eoi[-n:] for s in encoded):
+        n -= 1  # the tokenizer merged across the boundary: keep the part every prompt shares
+    return max(1, n)
+
+
+def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] | None = None) -> list[int]:
+    """First token of each refusal phrase (unknown tokens dropped), e.g. "I", "Sorry"."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids: list[int] = []
+    for phrase in phrases or DEFAULT_REFUSAL_PHRASES:
+        toks = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        if toks and toks[0] != unk and int(toks[0]) not in ids:
+            ids.append(int(toks[0]))
+    if not ids:
+        raise DataError("none of the refusal phrases is a known token of this tokenizer: pass --refusal-token "
+                        "with the first word of the model's refusals")
+    return ids
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _left_batches(seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int,
+                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Left-padded batches with position ids counted from the first real token."""
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[j, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- activations and candidates --------------------------------------------------------------
+
+
+@torch.no_grad()
+def mean_resid_pre(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_pos: int, pad_id: int,
+                   batch_size: int = 32) -> torch.Tensor:
+    """Mean decoder-block input at the last `n_pos` positions of every sequence: float64 [n_pos, L, d]."""
+    total: torch.Tensor | None = None
+    for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
+        hs = model(**batch, output_hidden_states=True).hidden_states
+        layers = torch.stack([h[:, -n_pos:, :] for h in hs[:-1]], dim=2).double()  # [B, n_pos, L, d]
+        s = layers.sum(0)
+        total = s if total is None else total + s
+    assert total is not None
+    return total.cpu() / len(seqs)
+
+
+def candidate_directions(model: torch.nn.Module, harmful: Sequence[Sequence[int]],
+                         harmless: Sequence[Sequence[int]], n_pos: int, pad_id: int,
+                         batch_size: int = 32) -> torch.Tensor:
+    """Difference of means, harmful - harmless, at each (position, layer): float64 [n_pos, L, d]."""
+    return (mean_resid_pre(model, harmful, n_pos, pad_id, batch_size)
+            - mean_resid_pre(model, harmless, n_pos, pad_id, batch_size))
+
+
+def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    rr = r.to(x.dtype)
+    return x - (x @ rr).unsqueeze(-1) * rr
+
+
+@contextmanager
+def ablation_hooks(model: torch.nn.Module, layout: Layout, direction: torch.Tensor) -> Iterator[None]:
+    """Inference-time directional ablation: remove r-hat from every write into the residual stream.
+
+    Hooks the embeddings, every attention output and every MLP output; this is exactly
+    what the weight orthogonalisation does to the model, without touching the weights.
+    """
+    r = (direction.double() / direction.double().norm()).float().to(_device(model))
+
+    def hook(_m: torch.nn.Module, _inp: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (_project_out(out[0], r), *out[1:])
+        return _project_out(out, r)
+
+    names = layout.embeddings + [layout.parent(a) for a in layout.attn_out] + [layout.parent(m) for m in layout.mlp_out]
+    handles = [module(model, name).register_forward_hook(hook) for name in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def addition_hook(model: torch.nn.Module, layout: Layout, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """Inference-time activation addition: add `vector` to the input of decoder block `layer`."""
+    v = vector.float().to(_device(model))
+
+    def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (args[0] + v, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"] + v
+        return args, kwargs
+
+    handle = module(model, layout.blocks[layer]).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def last_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int,
+                  batch_size: int = 32) -> torch.Tensor:
+    """fp32 log-probabilities of the next token after each sequence: [n, vocab]."""
+    rows = []
+    for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
+        rows.append(torch.log_softmax(model(**batch).logits[:, -1, :].float(), dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
+    """Per-row refusal log-odds log p - log(1 - p), p = total probability of the refusal tokens."""
+    lp = torch.logsumexp(logprobs[:, list(refusal_ids)].double(), dim=-1).clamp(max=-1e-12)
+    return lp - torch.log(-torch.expm1(lp))
+
+
+def first_token_kl(ref: torch.Tensor, new: torch.Tensor) -> float:
+    """Mean KL(ref || new) over rows of log-probabilities."""
+    return float((ref.double().exp() * (ref.double() - new.double())).sum(-1).mean())
+
+
+@dataclass
+class Selection:
+    """The chosen candidate and the scores of all that were measured."""
+
+    layer: int
+    pos: int
+    direction: torch.Tensor  # unit, fp32 [d]
+    mean_diff: torch.Tensor  # harmful - harmless mean, fp32 [d]
+    n_pos: int
+    n_layers: int
+    baseline_refusal: float
+    ablated_refusal: float
+    harmless_kl: float
+    candidates: list[dict[str, Any]]
+
+
+def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                     layer: int | None = None, pos: int | None = None, kl_limit: float = 0.1,
+                     refusal_phrases: Sequence[str] | None = None, val_fraction: float = 0.25, seed: int = 0,
+                     batch_size: int = 32, max_layer_fraction: float = MAX_LAYER_FRACTION,
+                     progress: bool = True) -> Selection:
+    """Compute the candidate directions and choose one (Arditi et al.'s selection).
+
+    Prompts are split (seeded) into a train part for the means and a validation part for
+    the scores. With `layer` (and optionally `pos`, negative, default -1) given, that
+    candidate is taken and only scored; otherwise every candidate below
+    `max_layer_fraction * L` whose harmless KL is at most `kl_limit` competes and the
+    lowest ablated refusal score wins.
+    """
+    from surgery.progress import track
+
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise DataError("refusal-direction selection needs at least 2 harmful and 2 harmless prompts")
+    layout = residual_layout(model)
+    L = layout.n_layers
+    pad = _pad_id(tokenizer)
+    rng = random.Random(seed)
+
+    def split(prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        enc = [encode_chat(tokenizer, p) for p in prompts]
+        rng.shuffle(enc)
+        n_val = min(64, max(1, int(len(enc) * val_fraction)))
+        return enc[n_val:], enc[:n_val]
+
+    h_train, h_val = split(harmful)
+    b_train, b_val = split(harmless)
+    n_pos = post_instruction_length(tokenizer, h_train + h_val + b_train + b_val)
+    if pos is not None and not -n_pos <= pos <= -1:
+        raise SurgeryError(f"--pos must be in [-{n_pos}, -1] (the post-instruction template positions), got {pos}")
+    if layer is not None and not 0 <= layer < L:
+        raise SurgeryError(f"--layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
+    diffs = candidate_directions(model, h_train, b_train, n_pos, pad, batch_size)  # [n_pos, L, d]
+    refusal_ids = refusal_token_ids(tokenizer, refusal_phrases)
+    base_h = last_logprobs(model, h_val, pad, batch_size)
+    base_b = last_logprobs(model, b_val, pad, batch_size)
+    baseline = float(refusal_score(base_h, refusal_ids).mean())
+
+    if layer is not None:
+        todo = [(pos if pos is not None else -1, layer)]
+    else:
+        positions = [pos] if pos is not None else list(range(-n_pos, 0))
+        todo = [(p, ly) for p in positions for ly in range(L)]
+    cands: list[dict[str, Any]] = []
+    for p, ly in track(todo, description="score refusal directions") if progress else todo:
+        row: dict[str, Any] = {"pos": p, "layer": ly}
+        diff = diffs[n_pos + p, ly]
+        if float(diff.norm()) == 0.0:
+            row["discarded"] = "zero difference"
+            cands.append(row)
+            continue
+        if layer is None and ly >= max_layer_fraction * L:
+            row["discarded"] = f"layer >= {max_layer_fraction} L"
+            cands.append(row)
+            continue
+        with ablation_hooks(model, layout, diff.float()):
+            abl_h = last_logprobs(model, h_val, pad, batch_size)
+            abl_b = last_logprobs(model, b_val, pad, batch_size)
+        row["refusal_score"] = float(refusal_score(abl_h, refusal_ids).mean())
+        row["kl"] = first_token_kl(base_b, abl_b)
+        if layer is None and (not math.isfinite(row["kl"]) or row["kl"] > kl_limit):
+            row["discarded"] = f"harmless KL > {kl_limit}"
+        cands.append(row)
+    kept = [c for c in cands if "discarded" not in c and math.isfinite(c.get("refusal_score", math.nan))]
+    if not kept:
+        raise SurgeryError(f"every candidate direction was filtered out (KL limit {kl_limit}, layers < "
+                           f"{max_layer_fraction} L): raise --kl-limit or pick one with --layer")
+    best = min(kept, key=lambda c: (c["refusal_score"], -c["pos"], c["layer"]))
+    diff = diffs[n_pos + best["pos"], best["layer"]]
+    return Selection(layer=best["layer"], pos=best["pos"], direction=(diff / diff.norm()).float(),
+                     mean_diff=diff.float(), n_pos=n_pos, n_layers=L, baseline_refusal=baseline,
+                     ablated_refusal=best["refusal_score"], harmless_kl=best["kl"], candidates=cands)
+
+
+# --- weight edits (pure tensor functions) ----------------------------------------------------
+
+
+def ablate_weight(W: torch.Tensor, r: torch.Tensor, layout: str) -> torch.Tensor:
+    """W with the direction r removed from what it writes into the residual stream, in W's dtype.
+
+    `layout`: "out_first" for torch Linear weights [d_model, d_in] (W <- W - r r^T W),
+    "out_last" for embeddings [vocab, d_model] and Conv1D [d_in, d_model] (each row
+    w <- w - (w.r) r), "bias" for a [d_model] bias (b <- b - (b.r) r). r need not be unit.
+    """
+    from surgery.kernels import direction_ablate_
+
+    if layout == "out_first":
+        out = W.clone()
+        direction_ablate_(out, r.to(out.device))
+        return out
+    if layout == "out_last":
+        t = W.t().contiguous()
+        direction_ablate_(t, r.to(t.device))
+        return t.t().contiguous()
+    if layout == "bias":
+        rh = r.double() / r.double().norm()
+        return (W.double() - (W.double() @ rh) * rh).to(W.dtype)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def ablation_plan(layout: Layout, names: Sequence[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> how to ablate it, for every residual-writing tensor present."""
+    plan: dict[str, str] = {}
+    present = set(names)
+    for e in layout.embeddings:
+        plan[f"{e}.weight"] = "out_last"
+    for m in layout.attn_out + layout.mlp_out:
+        plan[f"{m}.weight"] = "out_last" if m in layout.transposed else "out_first"
+        if f"{m}.bias" in present:
+            plan[f"{m}.bias"] = "bias"
+    missing = [n for n in plan if n not in present]
+    if missing:
+        raise MismatchError(f"the checkpoint lacks {missing[0]} (its tensor names do not match the model's): "
+                            "only standard Hugging Face checkpoints are supported")
+    return plan
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+@dataclass
+class DirectionResult:
+    """What `refusal_direction_edit` did: where, with which direction, and the scores it measured."""
+
+    out: str
+    direction_file: str
+    mode: str
+    layer: int
+    pos: int
+    coeff: float | None
+    site: str | None
+    edited: list[str]
+    added: list[str]
+    baseline_refusal: float | None
+    ablated_refusal: float | None
+    harmless_kl: float | None
+    candidates: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def save_direction(path: str | Path, sel: Selection, metadata: dict[str, str], force: bool = False) -> Path:
+    """Write the direction (unit and raw mean difference) with its layer and position as safetensors."""
+    from surgery.io.writer import write_tensors
+
+    meta = {**metadata, "layer": str(sel.layer), "pos": str(sel.pos), "n_layers": str(sel.n_layers),
+            "n_pos": str(sel.n_pos)}
+    tensors = {"direction": sel.direction.contiguous(), "mean_diff": sel.mean_diff.contiguous(),
+               "layer": torch.tensor([sel.layer], dtype=torch.int64), "pos": torch.tensor([sel.pos], dtype=torch.int64)}
+    return write_tensors(path, tensors, metadata=meta, force=force)
+
+
+def load_direction(path: str | Path) -> Selection:
+    """Read a direction written by `save_direction` (scores are not stored and come back empty)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} does not exist: give a direction file written by `surgery edit direction`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            if not {"direction", "mean_diff", "layer", "pos"} <= keys:
+                raise DataError(f"{path} is not a refusal-direction file (needs direction, mean_diff, layer, pos)")
+            t = {k: f.get_tensor(k) for k in ("direction", "mean_diff", "layer", "pos")}
+            meta = f.metadata() or {}
+    except SurgeryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise DataError(f"{path} is not a readable safetensors file ({exc})") from None
+    return Selection(layer=int(t["layer"][0]), pos=int(t["pos"][0]), direction=t["direction"].float(),
+                     mean_diff=t["mean_diff"].float(), n_pos=int(meta.get("n_pos", 1)),
+                     n_layers=int(meta.get("n_layers", 0)), baseline_refusal=math.nan, ablated_refusal=math.nan,
+                     harmless_kl=math.nan, candidates=[])
+
+
+def _addition_tensors(ckpt: Any, cfg: dict, layout: Layout, layer: int, vector: torch.Tensor,
+                      site: str) -> tuple[str, dict[str, torch.Tensor], dict[str, str], dict | None]:
+    """Where the added vector goes: (site, new tensors, edits {name: kind}, new config or None).
+
+    - layer >= 1 and the previous MLP down projection has a bias: add to it ("bias");
+    - layer >= 1 and the config has `mlp_bias` (Llama): turn MLP biases on, zeros
+      everywhere except coeff * r on that down projection ("mlp_bias");
+    - layer 0: add to every row of the token embedding ("embedding": the vector is
+      added to the residual stream at the input of block 0).
+    """
+    if site == "auto":
+        if layer == 0:
+            site = "embedding"
+        elif f"{layout.mlp_out[layer - 1]}.bias" in ckpt:
+            site = "bias"
+        elif "mlp_bias" in cfg:
+            site = "mlp_bias"
+        else:
+            raise SurgeryError(
+                f"this architecture ({cfg.get('model_type')}) has no MLP bias to carry the added direction at "
+                f"layer {layer}: use --layer 0 (added through the token embedding) or a Llama-family model")
+    if site == "embedding":
+        if layer != 0:
+            raise SurgeryError("--add-site embedding adds the vector at the input of block 0: use it with --layer 0")
+        return site, {}, {f"{layout.embeddings[0]}.weight": "add_rows"}, None
+    if layer == 0:
+        raise SurgeryError("layer 0 has no previous MLP: the vector can only go into the embedding (--layer 0 "
+                           "uses --add-site embedding)")
+    name = f"{layout.mlp_out[layer - 1]}.bias"
+    if site == "bias":
+        if name not in ckpt:
+            raise SurgeryError(f"{name} does not exist: use --add-site auto")
+        return site, {}, {name: "add"}, None
+    if site != "mlp_bias":
+        raise SurgeryError(f"unknown --add-site {site!r}: use auto, bias, mlp_bias or embedding")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    new_cfg = dict(cfg)
+    new_cfg["mlp_bias"] = True
+    hf_cfg = AutoConfig.from_pretrained(ckpt.directory)
+    hf_cfg.mlp_bias = True
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(hf_cfg)
+    dtype = ckpt.info(f"{layout.mlp_out[0]}.weight").torch_dtype
+    new = {n: torch.zeros(tuple(p.shape), dtype=dtype)
+           for n, p in shell.state_dict().items() if n not in ckpt and n.endswith(".bias")}
+    if name not in new:
+        raise SurgeryError(f"turning on mlp_bias did not create {name}: this architecture cannot carry the vector")
+    new[name] = vector.to(new[name].dtype)
+    return site, new, {}, new_cfg
+
+
+def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str = "ablate",
+                           harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
+                           direction_file: str | Path | None = None, layer: int | None = None,
+                           pos: int | None = None, coeff: float = 1.0, kl_limit: float = 0.1,
+                           refusal_phrases: Sequence[str] | None = None, add_site: str = "auto", seed: int = 0,
+                           batch_size: int = 32, shard_size: int | None = None, force: bool = False,
+                           progress: bool = True, params: dict[str, Any] | None = None,
+                           inputs: dict[str, Any] | None = None) -> DirectionResult:
+    """Find (or load) the refusal direction of `model_dir` and write `out` with it ablated or added.
+
+    `mode="ablate"`: every residual-writing tensor orthogonalised against the unit
+    direction. `mode="add"`: coeff * (harmful - harmless mean) added at the input of the
+    chosen layer (see `_addition_tensors` for where). The output is streamed tensor by
+    tensor from the input checkpoint (unchanged tensors copied as they are) and holds
+    `refusal_direction.safetensors` (direction, mean_diff, layer, pos) and
+    `surgery_edit.json` (this result).
+    """
+    from surgery.io.atomic import check_output
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.provenance import provenance
+    from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
+
+    start = time.perf_counter()
+    if mode not in ("ablate", "add"):
+        raise SurgeryError(f"--mode must be ablate or add, got {mode!r}")
+    out = Path(out)
+    check_output(out, force)
+    ckpt = Checkpoint.open(model_dir)
+    cfg = ckpt.config()
+    if cfg is None or ckpt.directory is None:
+        raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
+    model, tok = load_model(ckpt.directory)
+    layout = residual_layout(model)
+    if direction_file is not None:
+        sel = load_direction(direction_file)
+        d_model = module(model, layout.embeddings[0]).weight.shape[-1]
+        if sel.direction.numel() != d_model:
+            raise MismatchError(f"{direction_file} holds a direction of size {sel.direction.numel()}, the model's "
+                                f"hidden size is {d_model}: it was computed on another model")
+        if layer is not None:
+            sel.layer = layer
+        if not 0 <= sel.layer < layout.n_layers:
+            raise MismatchError(f"the direction's layer {sel.layer} does not exist in this {layout.n_layers}-layer model")
+        sel.n_layers = layout.n_layers
+    else:
+        if not harmful or not harmless:
+            raise DataError("give harmful and harmless prompts (or --direction FILE to reuse a saved direction)")
+        sel = select_direction(model, tok, harmful, harmless, layer=layer, pos=pos, kl_limit=kl_limit,
+                               refusal_phrases=refusal_phrases, seed=seed, batch_size=batch_size, progress=progress)
+    del model
+
+    names = ckpt.names()
+    new_tensors: dict[str, torch.Tensor] = {}
+    new_cfg = None
+    site = None
+    if mode == "ablate":
+        plan = ablation_plan(layout, names)
+    else:
+        vector = coeff * sel.mean_diff
+        site, new_tensors, plan, new_cfg = _addition_tensors(ckpt, cfg, layout, sel.layer, vector, add_site)
+    run_params = {"mode": mode, "layer": sel.layer, "pos": sel.pos, "coeff": coeff if mode == "add" else None,
+                  "kl_limit": kl_limit, "seed": seed, "site": site, **(params or {})}
+    meta = provenance("direction", run_params, {"model": ckpt, **(inputs or {})})
+    result = DirectionResult(
+        out=str(out), direction_file=str(out / DIRECTION_FILE), mode=mode, layer=sel.layer, pos=sel.pos,
+        coeff=coeff if mode == "add" else None, site=site, edited=sorted(plan), added=sorted(new_tensors),
+        baseline_refusal=_finite(sel.baseline_refusal), ablated_refusal=_finite(sel.ablated_refusal),
+        harmless_kl=_finite(sel.harmless_kl), candidates=sel.candidates, seconds=0.0)
+    specs = [TensorSpec.like(n, ckpt.info(n)) for n in names] + [TensorSpec.like(n, t) for n, t in new_tensors.items()]
+    extra: dict[str, str | bytes] = {}
+    if new_cfg is not None:
+        extra["config.json"] = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
+    with tempfile.TemporaryDirectory() as td:
+        dpath = save_direction(Path(td) / DIRECTION_FILE, sel, meta)
+        extra[DIRECTION_FILE] = dpath.read_bytes()
+    from surgery.progress import track
+
+    with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
+                          copy_files_from=ckpt.companion_files(), extra_files=extra) as writer:
+        for name in track(names, description="write model") if progress else names:
+            t = ckpt.get(name)
+            kind = plan.get(name)
+            if kind in ("out_first", "out_last", "bias"):
+                t = ablate_weight(t, sel.direction, kind)
+            elif kind == "add":
+                t = (t.float() + (coeff * sel.mean_diff).to(t.device)).to(t.dtype)
+            elif kind == "add_rows":
+                t = (t.float() + (coeff * sel.mean_diff).to(t.device).unsqueeze(0)).to(t.dtype)
+            writer.write(name, t)
+        for name, t in new_tensors.items():
+            writer.write(name, t)
+        result.seconds = time.perf_counter() - start
+        writer.extra_files[REPORT_FILE] = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+    return result
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, float) and math.isfinite(x) else None
+
+
+def load_model(model_dir: str | Path) -> tuple[Any, Any]:
+    """Load a causal LM in fp32 (eval mode, no remote code) and its tokenizer from a directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - a missing tokenizer is the user's input
+        raise InputNotFoundError(f"{path} has no usable tokenizer ({type(exc).__name__}): save one beside the "
+                                 "model") from None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tok

@@ -1,0 +1,570 @@
+"""ROME: a rank-one edit of one MLP down projection that rewrites one association (Meng et al. 2022).
+
+What: the down projection W of layer l maps keys k (its input, the MLP's hidden
+activation) to values v (its output, added to the residual stream). ROME picks
+
+- k*: the key at the subject's last token, averaged over the prompt behind a few short
+  context prefixes (seeded samples from the model itself, plus the bare prompt);
+- v* = W k* + delta, where delta (added to the MLP output at the subject's last token)
+  minimises NLL(target | prefixed prompts) + kl_factor * KL(original || edited) on
+  "{subject} is a" + weight_decay * ||delta||^2 / ||W k*||^2 with Adam, clamped after each
+  step to ||delta|| <= clamp_norm_factor * ||W k*||;
+- C: the uncentred second moment E[k k^T] of keys at that layer over a local corpus
+  (cached as safetensors, keyed by the model fingerprint, the tensor and the data hash),
+  or the identity with `no_cov`;
+
+and writes W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*), the closed form that makes
+W k* = v* exactly while changing W least in the metric C. The update goes through
+`surgery.kernels.rank_one_update_`; the output checkpoint is streamed tensor by tensor
+and only the edited tensor differs.
+
+Deviations from kmeng01/rome (MIT), by design: v0 is W k* of the averaged key (so that
+the update is exactly delta along C^-1 k*), prefixes are sampled in token space (no
+detokenise/retokenise round trip), and a small relative ridge keeps C invertible on a
+small corpus. Our own code from the paper's formulas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import DataError, InputNotFoundError, SurgeryError
+from surgery.methods.direction import Layout, load_model, module, residual_layout
+
+REPORT_FILE = "surgery_edit.json"
+DEFAULT_PREFIXES: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, count), as ROME
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A tokenised edit request: prompt ids, where the subject ends, and the target ids."""
+
+    prompt_ids: list[int]
+    subject_last: int  # index into prompt_ids
+    target_ids: list[int]
+
+
+def default_layer(n_layers: int) -> int:
+    """ROME's early-middle layer: about 0.17 L (5 of 32 for Llama-3-8B, GPT-J's 5 of 28)."""
+    return max(0, min(n_layers - 1, int(0.17 * n_layers)))
+
+
+def tokenize_fact(tokenizer: Any, prompt: str, subject: str, target: str) -> Fact:
+    """Tokenise prompt (with "{}" standing for the subject, or the subject written out) and target.
+
+    The subject's last token is found by tokenising the prompt up to the end of the
+    subject's first occurrence. The target is tokenised with a leading space, so that
+    word-piece tokenizers see it as the next word.
+    """
+    if not subject.strip() or not target.strip():
+        raise DataError("ROME needs a non-empty --subject and --target")
+    text = prompt.replace("{}", subject, 1) if "{}" in prompt else prompt
+    at = prompt.index("{}") if "{}" in prompt else prompt.find(subject)
+    if at < 0:
+        raise DataError(f"the subject {subject!r} does not occur in the prompt {prompt!r}: write it there or use {{}}")
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    head = [int(i) for i in tokenizer(text[:at + len(subject)], add_special_tokens=False)["input_ids"]]
+    target_ids = [int(i) for i in tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]]
+    if not ids or not head or not target_ids:
+        raise DataError("the prompt, subject or target tokenises to nothing")
+    return Fact(ids, min(len(head), len(ids)) - 1, target_ids)
+
+
+def _start_ids(tokenizer: Any) -> list[int]:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return [int(tid)]
+    return []
+
+
+@torch.no_grad()
+def sample_prefixes(model: torch.nn.Module, start: Sequence[int], spec: Sequence[tuple[int, int]], seed: int,
+                    eos: int | None = None, top_k: int = 5) -> list[list[int]]:
+    """Context prefixes sampled from the model (top-k, seeded), cut at EOS: `count` of each `length`."""
+    if not start:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    out: list[list[int]] = []
+    for length, count in spec:
+        if length <= 0 or count <= 0:
+            continue
+        ids = torch.tensor([list(start)] * count, dtype=torch.long, device=dev)
+        for _ in range(length):
+            logits = model(input_ids=ids).logits[:, -1, :].float().cpu()
+            vals, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            pick = torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)
+            ids = torch.cat([ids, idx.gather(1, pick).to(dev)], dim=1)
+        for row in ids[:, len(start):].tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            out.append(row)
+    return out
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def compute_key(model: torch.nn.Module, layout: Layout, layer: int, contexts: Sequence[Sequence[int]],
+                positions: Sequence[int], pad: int) -> torch.Tensor:
+    """Mean input of the layer's down projection at `positions` (one per context): fp32 [d_in]."""
+    proj = module(model, layout.mlp_out[layer])
+    box: dict[str, torch.Tensor] = {}
+    handle = proj.register_forward_pre_hook(lambda _m, args: box.__setitem__("x", args[0].detach()))
+    try:
+        ids, mask = _right_pad(contexts, pad, next(model.parameters()).device)
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    x = box["x"].float()
+    rows = torch.arange(len(contexts), device=x.device)
+    return x[rows, torch.tensor(list(positions), device=x.device)].mean(0).cpu()
+
+
+def down_proj_matrix(model: torch.nn.Module, layout: Layout, layer: int) -> torch.Tensor:
+    """The layer's down projection as a fp32 [d_out, d_in] matrix (Conv1D weights transposed)."""
+    name = layout.mlp_out[layer]
+    w = module(model, name).weight.detach().float()
+    return w.t() if name in layout.transposed else w
+
+
+@dataclass
+class ValueResult:
+    """The optimised delta and how the optimisation went."""
+
+    delta: torch.Tensor
+    losses: list[float]
+    nll: list[float]
+    steps: int
+
+
+def optimise_value(model: torch.nn.Module, layout: Layout, layer: int, fact: Fact,
+                   prefixes: Sequence[Sequence[int]], start: Sequence[int], kl_ids: Sequence[int],
+                   kl_subject_last: int, v0_norm: float, pad: int, *, steps: int = 25, lr: float = 0.5,
+                   kl_factor: float = 0.0625, weight_decay: float = 1e-3, clamp_norm_factor: float = 4.0,
+                   stop_loss: float = 5e-2) -> ValueResult:
+    """Adam on delta, added to the MLP output at the subject's last token of every prompt.
+
+    Loss: mean over the prefixed prompts of the mean target-token NLL, plus
+    kl_factor * KL(original || edited) of the next token after "{subject} is a", plus
+    weight_decay * ||delta||^2 / ||v0||^2; delta is clamped to clamp_norm_factor * ||v0||.
+    Stops early when the NLL falls below `stop_loss`.
+    """
+    dev = next(model.parameters()).device
+    seqs, subj, tgt_start = [], [], []
+    for pre in [[], *prefixes]:
+        ctx = list(start) + list(pre) + fact.prompt_ids
+        seqs.append(ctx + fact.target_ids)
+        subj.append(len(start) + len(pre) + fact.subject_last)
+        tgt_start.append(len(ctx))
+    seqs.append(list(start) + list(kl_ids))
+    subj.append(len(start) + kl_subject_last)
+    n_rw = len(seqs) - 1
+    ids, mask = _right_pad(seqs, pad, dev)
+    rows = torch.arange(len(seqs), device=dev)
+    subj_t = torch.tensor(subj, device=dev)
+    kl_last = len(seqs[-1]) - 1
+    n_t = len(fact.target_ids)
+    pred_pos = torch.tensor([[s - 1 + j for j in range(n_t)] for s in tgt_start], device=dev)  # [n_rw, n_t]
+    tgt = torch.tensor(fact.target_ids, device=dev).expand(n_rw, n_t)
+
+    d_model = down_proj_matrix(model, layout, layer).shape[0]
+    delta = torch.zeros(d_model, device=dev, requires_grad=True)
+    mlp = module(model, layout.parent(layout.mlp_out[layer]))
+
+    def add_delta(_m: torch.nn.Module, _inp: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            o = out[0].clone()
+            o[rows, subj_t] = o[rows, subj_t] + delta
+            return (o, *out[1:])
+        o = out.clone()
+        o[rows, subj_t] = o[rows, subj_t] + delta
+        return o
+
+    with torch.no_grad():
+        base_kl = torch.log_softmax(model(input_ids=ids[-1:], attention_mask=mask[-1:]).logits[0, kl_last].float(), -1)
+    opt = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm_factor * v0_norm
+    handle = mlp.register_forward_hook(add_delta)
+    losses: list[float] = []
+    nlls: list[float] = []
+    try:
+        for _ in range(steps):
+            opt.zero_grad()
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            tok_lp = logp[:n_rw].gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logp.shape[-1]))
+            tok_lp = tok_lp.gather(2, tgt.unsqueeze(-1)).squeeze(-1)  # [n_rw, n_t]
+            nll = -tok_lp.mean(1).mean()
+            kl_lp = logp[-1, kl_last]
+            kl = (base_kl.exp() * (base_kl - kl_lp)).sum()
+            wd = weight_decay * delta.pow(2).sum() / max(v0_norm, 1e-12) ** 2
+            loss = nll + kl_factor * kl + wd
+            losses.append(float(loss.detach()))
+            nlls.append(float(nll.detach()))
+            if nlls[-1] < stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                n = delta.norm()
+                if float(n) > max_norm:
+                    delta.mul_(max_norm / n)
+    finally:
+        handle.remove()
+    return ValueResult(delta.detach().float().cpu(), losses, nlls, len(losses))
+
+
+def rome_vectors(W: torch.Tensor, k: torch.Tensor, v_star: torch.Tensor,
+                 C: torch.Tensor | None = None, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) with W + u v^T = W + (v* - W k*)(C^-1 k*)^T / ((C^-1 k*)^T k*) (C = I when None).
+
+    W is [d_out, d_in] (any dtype; math in float64). A relative ridge `ridge * mean(diag C)`
+    keeps a rank-deficient C (a small corpus) invertible; it changes the direction of
+    the update, never the fact that the updated W maps k* to v*.
+    """
+    Wd, kd, vd = W.double(), k.double(), v_star.double()
+    if C is None:
+        c = kd.clone()
+    else:
+        Cd = C.double()
+        lam = ridge * float(Cd.diagonal().mean().clamp(min=1e-12))
+        c = torch.linalg.solve(Cd + lam * torch.eye(Cd.shape[0], dtype=torch.float64, device=Cd.device), kd)
+    denom = float(c @ kd)
+    if not math.isfinite(denom) or abs(denom) < 1e-20:
+        raise SurgeryError("the key k* is (numerically) zero in the covariance metric: pick another layer or --no-cov")
+    u = vd - Wd @ kd
+    return u.float(), (c / denom).float()
+
+
+# --- covariance ----------------------------------------------------------------------------------
+
+
+def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts of a JSONL corpus: "text", else "prompt" + " " + "response", else "prompt", per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} does not exist: give a JSONL file with text (or prompt/response) fields")
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            if isinstance(row.get("text"), str):
+                texts.append(row["text"])
+            elif isinstance(row.get("prompt"), str):
+                resp = row.get("response")
+                texts.append(row["prompt"] + (" " + resp if isinstance(resp, str) else ""))
+            else:
+                raise DataError(f"{path}:{lineno}: needs a string 'text' or 'prompt' field")
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise DataError(f"{path} holds no texts")
+    return texts
+
+
+@torch.no_grad()
+def key_covariance(model: torch.nn.Module, layout: Layout, layer: int, seqs: Sequence[Sequence[int]], pad: int,
+                   batch_size: int = 16, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """Uncentred second moment E[k k^T] of the layer's down-projection inputs over all tokens: (fp32, count)."""
+    from surgery.kernels import covariance
+    from surgery.progress import track
+
+    proj = module(model, layout.mlp_out[layer])
+    dev = next(model.parameters()).device
+    box: dict[str, torch.Tensor] = {}
+    handle = proj.register_forward_pre_hook(lambda _m, args: box.__setitem__("x", args[0].detach()))
+    total: torch.Tensor | None = None
+    count = 0
+    batches = range(0, len(seqs), batch_size)
+    try:
+        for i in track(batches, description="key covariance") if progress else batches:
+            ids, mask = _right_pad(seqs[i:i + batch_size], pad, dev)
+            model(input_ids=ids, attention_mask=mask)
+            c = covariance(box["x"], mask.bool())
+            total = c if total is None else total + c
+            count += int(mask.sum())
+    finally:
+        handle.remove()
+    if total is None or count == 0:
+        raise DataError("the covariance corpus produced no tokens")
+    return (total.double() / count).float().cpu(), count
+
+
+def default_cache_dir() -> Path:
+    """Where key statistics are cached: $SURGERY_CACHE_DIR, else ~/.cache/surgery/rome."""
+    env = os.environ.get("SURGERY_CACHE_DIR")
+    return Path(env) / "rome" if env else Path.home() / ".cache" / "surgery" / "rome"
+
+
+def cached_covariance(model: torch.nn.Module, tokenizer: Any, layout: Layout, layer: int, tensor_name: str,
+                      model_fingerprint: str, data: str | Path, *, limit: int = 1000, max_length: int = 128,
+                      cache_dir: str | Path | None = None, batch_size: int = 16,
+                      progress: bool = True) -> tuple[torch.Tensor, int, Path, bool]:
+    """C for `tensor_name` over the corpus `data`, from the cache when present: (C, tokens, path, hit).
+
+    The cache file name is keyed by the model fingerprint, the tensor, the data file's
+    sha256 and the sampling settings, so a changed model or corpus never hits a stale entry.
+    """
+    from safetensors import safe_open
+
+    from surgery.io.writer import write_tensors
+
+    data = Path(data)
+    texts = read_texts(data, limit)
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{model_fingerprint}|{tensor_name}|{digest}|{limit}|{max_length}".encode()).hexdigest()
+    path = Path(cache_dir or default_cache_dir()) / f"cov-{key[:24]}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor("cov").float(), int(f.get_tensor("count")[0]), path, True
+        except Exception:  # noqa: BLE001 - a broken cache entry is recomputed
+            pass
+    start = _start_ids(tokenizer)
+    seqs = [start + [int(i) for i in tokenizer(t, add_special_tokens=False)["input_ids"]][:max_length - len(start)]
+            for t in texts]
+    seqs = [s for s in seqs if s]
+    C, count = key_covariance(model, layout, layer, seqs, _pad(tokenizer), batch_size, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_fingerprint, "tensor": tensor_name, "data_sha256": digest, "limit": str(limit),
+            "max_length": str(max_length), "tokens": str(count)}
+    write_tensors(path, {"cov": C.contiguous(), "count": torch.tensor([count], dtype=torch.int64)}, metadata=meta,
+                  force=True)
+    return C, count, path, False
+
+
+def _pad(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# --- measurements ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def target_stats(model: torch.nn.Module, start: Sequence[int], fact: Fact) -> tuple[float, float]:
+    """(P(target | prompt), teacher-forced token accuracy of the target) on the bare prompt."""
+    seq = list(start) + fact.prompt_ids + fact.target_ids
+    dev = next(model.parameters()).device
+    logp = torch.log_softmax(model(input_ids=torch.tensor([seq], device=dev)).logits[0].float(), -1)
+    s = len(start) + len(fact.prompt_ids)
+    preds = logp[s - 1:s - 1 + len(fact.target_ids)]
+    tgt = torch.tensor(fact.target_ids, device=dev)
+    lp = preds.gather(1, tgt.unsqueeze(1)).sum()
+    acc = (preds.argmax(-1) == tgt).float().mean()
+    return float(lp.exp()), float(acc)
+
+
+@torch.no_grad()
+def all_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad: int) -> list[torch.Tensor]:
+    """Per-sequence next-token log-probabilities at every position (fp32, CPU)."""
+    dev = next(model.parameters()).device
+    ids, mask = _right_pad(seqs, pad, dev)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1).cpu()
+    return [logp[i, :len(s)] for i, s in enumerate(seqs)]
+
+
+def mean_kl(ref: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> float:
+    """Mean over all positions of KL(ref || new)."""
+    a, b = torch.cat(list(ref)).double(), torch.cat(list(new)).double()
+    return float((a.exp() * (a - b)).sum(-1).mean())
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RomeResult:
+    """What `rome_edit` did and measured: efficacy (target probability) and locality (KL)."""
+
+    out: str
+    tensor: str
+    layer: int
+    prompt: str
+    subject: str
+    target: str
+    target_prob_before: float
+    target_prob_after: float
+    target_acc_before: float
+    target_acc_after: float
+    locality_kl: float
+    n_locality: int
+    delta_norm: float
+    v0_norm: float
+    steps: int
+    losses: list[float]
+    covariance: str  # "identity", "computed" or "cached"
+    cov_tokens: int | None
+    cov_path: str | None
+    n_prefixes: int
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # k_star, v_star, u, v (fp32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the vectors)."""
+        d = asdict(self)
+        d.pop("vectors")
+        return d
+
+
+def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: str, target: str,
+              layer: int | None = None, cov_data: str | Path | None = None, no_cov: bool = False,
+              steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 1e-3,
+              clamp_norm_factor: float = 4.0, prefixes: Sequence[tuple[int, int]] = DEFAULT_PREFIXES,
+              seed: int = 0, cov_samples: int = 1000, cov_max_length: int = 128,
+              cache_dir: str | Path | None = None, ridge: float = 1e-4,
+              locality_prompts: Sequence[str] | None = None, shard_size: int | None = None,
+              force: bool = False, progress: bool = True) -> RomeResult:
+    """Edit `model_dir` so that `prompt` (about `subject`) continues with `target`; write `out`.
+
+    One of `cov_data` (a JSONL corpus for C) or `no_cov=True` (C = I) is required. The
+    result records the target probability before and after on the bare prompt and the
+    mean next-token KL(before || after) on unrelated prompts (`locality_prompts`, else
+    the first 16 corpus texts, else the sampled context prefixes).
+    """
+    from surgery.io.atomic import check_output
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.provenance import provenance
+    from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
+    from surgery.kernels import rank_one_update_
+
+    t0 = time.perf_counter()
+    if cov_data is None and not no_cov:
+        raise SurgeryError("give --cov-data C.jsonl (a local corpus for the key covariance) or --no-cov (C = I)")
+    if cov_data is not None and no_cov:
+        raise SurgeryError("--cov-data and --no-cov exclude each other: pick one")
+    if steps < 0 or lr <= 0 or clamp_norm_factor <= 0:
+        raise SurgeryError("--steps must be >= 0, --lr and --clamp-norm-factor positive")
+    out = Path(out)
+    check_output(out, force)
+    ckpt = Checkpoint.open(model_dir)
+    if ckpt.directory is None or ckpt.config() is None:
+        raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
+    torch.manual_seed(seed)
+    model, tok = load_model(ckpt.directory)
+    layout = residual_layout(model)
+    L = layout.n_layers
+    layer = default_layer(L) if layer is None else layer
+    if not 0 <= layer < L:
+        raise SurgeryError(f"--layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
+    name = f"{layout.mlp_out[layer]}.weight"
+    if name not in ckpt:
+        raise SurgeryError(f"the checkpoint has no tensor {name}: its names do not follow the model's")
+    fact = tokenize_fact(tok, prompt, subject, target)
+    kl_fact = tokenize_fact(tok, "{} is a", subject, "a")
+    start = _start_ids(tok)
+    pad = _pad(tok)
+    prefix_ids = sample_prefixes(model, start, prefixes, seed, eos=tok.eos_token_id)
+    prefix_ids = [p for p in prefix_ids if p]
+
+    # k*: mean key over the bare and prefixed prompts
+    contexts = [list(start) + p + fact.prompt_ids for p in [[], *prefix_ids]]
+    positions = [len(start) + len(p) + fact.subject_last for p in [[], *prefix_ids]]
+    k_star = compute_key(model, layout, layer, contexts, positions, pad)
+    W = down_proj_matrix(model, layout, layer).cpu()
+    v0 = W @ k_star
+    v0_norm = float(v0.norm())
+
+    # C
+    C = None
+    cov_path, cov_tokens, cov_kind = None, None, "identity"
+    texts: list[str] = []
+    if cov_data is not None:
+        C, cov_tokens, path, hit = cached_covariance(model, tok, layout, layer, name, ckpt.fingerprint(), cov_data,
+                                                     limit=cov_samples, max_length=cov_max_length,
+                                                     cache_dir=cache_dir, progress=progress)
+        cov_path, cov_kind = str(path), "cached" if hit else "computed"
+        texts = read_texts(cov_data, 16)
+
+    # locality prompts and the "before" measurements
+    if locality_prompts:
+        loc = [start + [int(i) for i in tok(t, add_special_tokens=False)["input_ids"]] for t in locality_prompts]
+    elif texts:
+        loc = [start + [int(i) for i in tok(t, add_special_tokens=False)["input_ids"]][:cov_max_length] for t in texts]
+    else:
+        loc = [list(start) + p for p in prefix_ids]
+    loc = [s for s in loc if len(s) > 0]
+    before = all_logprobs(model, loc, pad) if loc else []
+    p_before, acc_before = target_stats(model, start, fact)
+
+    # v*
+    model.requires_grad_(False)
+    val = optimise_value(model, layout, layer, fact, prefix_ids, start, kl_fact.prompt_ids, kl_fact.subject_last,
+                         v0_norm, pad, steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay,
+                         clamp_norm_factor=clamp_norm_factor)
+    v_star = v0 + val.delta
+    u, v = rome_vectors(W, k_star, v_star, C, ridge)
+
+    # apply in memory to measure, then stream the checkpoint with the same update
+    proj = module(model, layout.mlp_out[layer])
+    with torch.no_grad():
+        dev = proj.weight.device
+        if layout.mlp_out[layer] in layout.transposed:
+            rank_one_update_(proj.weight.data, v.to(dev), u.to(dev))
+        else:
+            rank_one_update_(proj.weight.data, u.to(dev), v.to(dev))
+    p_after, acc_after = target_stats(model, start, fact)
+    after = all_logprobs(model, loc, pad) if loc else []
+    locality = mean_kl(before, after) if loc else float("nan")
+    del model
+
+    settings = {"steps": steps, "lr": lr, "kl_factor": kl_factor, "weight_decay": weight_decay,
+                "clamp_norm_factor": clamp_norm_factor, "prefixes": [list(p) for p in prefixes], "seed": seed,
+                "cov_samples": cov_samples, "cov_max_length": cov_max_length, "ridge": ridge,
+                "no_cov": cov_data is None}
+    result = RomeResult(
+        out=str(out), tensor=name, layer=layer, prompt=prompt, subject=subject, target=target,
+        target_prob_before=p_before, target_prob_after=p_after, target_acc_before=acc_before,
+        target_acc_after=acc_after, locality_kl=locality, n_locality=len(loc), delta_norm=float(val.delta.norm()),
+        v0_norm=v0_norm, steps=val.steps, losses=val.losses, covariance=cov_kind, cov_tokens=cov_tokens,
+        cov_path=cov_path, n_prefixes=len(prefix_ids), seconds=0.0, settings=settings,
+        vectors={"k_star": k_star, "v_star": v_star, "u": u, "v": v})
+    inputs: dict[str, Any] = {"model": ckpt}
+    if cov_data is not None:
+        inputs["cov_data"] = Path(cov_data)
+    meta = provenance("rome", {"prompt": prompt, "subject": subject, "target": target, "layer": layer, **settings},
+                      inputs)
+    names = ckpt.names()
+    specs = [TensorSpec.like(n, ckpt.info(n)) for n in names]
+    with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
+                          copy_files_from=ckpt.companion_files()) as writer:
+        for n in names:
+            t = ckpt.get(n)
+            if n == name:
+                t = t.clone()
+                if layout.mlp_out[layer] in layout.transposed:
+                    rank_one_update_(t, v.to(t.device), u.to(t.device))
+                else:
+                    rank_one_update_(t, u.to(t.device), v.to(t.device))
+            writer.write(n, t)
+        result.seconds = time.perf_counter() - t0
+        writer.extra_files[REPORT_FILE] = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+    return result
