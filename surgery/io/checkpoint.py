@@ -83,6 +83,15 @@ def _load_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
+def _open_pread(path: Path) -> Any:
+    """safe_open reading each tensor with pread(2): a memory map would keep every page
+    it touched resident, so a pass over the checkpoint would grow RSS to the file's size."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend choice
+        return safe_open(str(path), framework="pt", device="cpu")
+
+
 class Checkpoint:
     """A read-only view of a checkpoint's tensors, loaded lazily one at a time."""
 
@@ -242,7 +251,7 @@ class Checkpoint:
         handle = self._handles.get(info.file)
         if handle is None:
             try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
+                handle = _open_pread(info.file)
             except Exception as exc:  # safetensors raises its own error types
                 raise CorruptFileError(f"{info.file} cannot be opened by safetensors ({exc})") from None
             self._handles[info.file] = handle
