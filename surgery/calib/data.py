@@ -24,7 +24,10 @@ import torch
 
 from surgery.errors import DataError
 
-__all__ = ["Sample", "load_jsonl", "load_pairs", "load_prompts", "tokenize_pairs", "tokenize_prompts"]
+__all__ = [
+    "Sample", "calibration_samples", "load_jsonl", "load_pairs", "load_prompts", "load_tokenizer",
+    "tokenize_pairs", "tokenize_prompts",
+]
 
 
 @dataclass
@@ -205,3 +208,31 @@ def tokenize_prompts(
             ids = ids[:max_length]
         out.append(Sample(torch.tensor(ids, dtype=torch.long), torch.zeros(len(ids), dtype=torch.bool)))
     return out
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The tokenizer saved with a model (no remote code); `DataError` if there is none."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"no usable tokenizer in {model_dir} ({first}); save the model's tokenizer beside it") from None
+
+
+def calibration_samples(
+    model_dir: str | Path,
+    path: str | Path,
+    *,
+    num_samples: int | None = None,
+    max_length: int = 2048,
+    chat_template: bool = True,
+    on_overflow: str = "error",
+    tokenizer: Any = None,
+) -> list[Sample]:
+    """Load `{"prompt","response"}` pairs and tokenize them with the model's own tokenizer."""
+    pairs = load_pairs(path, limit=num_samples)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    return tokenize_pairs(tok, pairs, max_length, chat_template=chat_template, on_overflow=on_overflow)

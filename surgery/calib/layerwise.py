@@ -25,7 +25,6 @@ compute dtype) and the per-layer keyword tensors.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -253,6 +252,30 @@ def _inject_lora(layer: nn.Module, prefix: str, modules: dict[str, Any], adapter
 # --------------------------------------------------------------------------- runner
 
 
+class _Clock:
+    """Accumulates wall seconds per phase into a dict (no-op without one); syncs CUDA."""
+
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink = sink
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sink is None:
+            yield
+            return
+        import time
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.sink[phase] = self.sink.get(phase, 0.0) + time.perf_counter() - start
+
+
 def _forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -274,6 +297,7 @@ def calibrate_layerwise(
     keep_stats: bool = True,
     attn_implementation: str | None = None,
     description: str = "calibrating",
+    timings: dict[str, float] | None = None,
 ) -> dict[str, LinearStats]:
     """Collect per-Linear statistics one decoder layer at a time, straight from a checkpoint.
 
@@ -283,43 +307,52 @@ def calibrate_layerwise(
     so the next layer is calibrated on the modified layer's outputs (with no `on_layer`
     the calibration pass's outputs are used directly).
     `keep_stats=False` drops each layer's statistics after `on_layer` (bounded memory).
+    `timings`, if given, accumulates seconds under "read" (checkpoint tensors in),
+    "forward" (calibration passes and re-runs) and "on_layer".
     """
+    clock = _Clock(timings)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     batches = make_batches(samples, batch_size, token_mask)
-    skeleton = ModelSkeleton(ckpt, dev, dtype, attn_implementation)
+    with clock("read"):
+        skeleton = ModelSkeleton(ckpt, dev, dtype, attn_implementation)
     lora_modules: dict[str, Any] = {}
     if adapter is not None:
         lora_modules, _ = adapter.match(ckpt)
 
     cache: list[torch.Tensor] = []
     layer_kwargs: list[list[dict[str, Any]]] = []
-    for batch in batches:
-        hidden, per_layer = skeleton.embed(batch, dev)
-        cache.append(hidden.to("cpu", dtype))
-        layer_kwargs.append(per_layer)
+    with clock("forward"):
+        for batch in batches:
+            hidden, per_layer = skeleton.embed(batch, dev)
+            cache.append(hidden.to("cpu", dtype))
+            layer_kwargs.append(per_layer)
     skeleton.model = None  # embeddings are no longer needed
-    gc.collect()
 
     result: dict[str, LinearStats] = {}
     n_layers = len(skeleton.layers)
     for i in track(range(n_layers), total=n_layers, description=description):
         prefix = f"{skeleton.prefix}layers.{i}."
-        layer, dtypes = skeleton.layer(i, ckpt, dev, dtype)
-        lora = _inject_lora(layer, prefix, lora_modules, adapter, dev, dtype) if adapter is not None else {}
+        with clock("read"):
+            layer, dtypes = skeleton.layer(i, ckpt, dev, dtype)
+            lora = _inject_lora(layer, prefix, lora_modules, adapter, dev, dtype) if adapter is not None else {}
         collector = StatsCollector(layer, targets, want=want, prefix=prefix)
         try:
-            for b, batch in enumerate(batches):
-                collector.set_token_mask(batch.token_mask)
-                out = _forward(layer, cache[b].to(dev), layer_kwargs[b][i])
-                collector.count_samples(batch.size)
-                if on_layer is None:
-                    cache[b] = out.to("cpu", dtype)
-            collector.remove()
+            with clock("forward"):
+                for b, batch in enumerate(batches):
+                    collector.set_token_mask(batch.token_mask)
+                    out = _forward(layer, cache[b].to(dev), layer_kwargs[b][i])
+                    collector.count_samples(batch.size)
+                    if on_layer is None:
+                        cache[b] = out.to("cpu", dtype)
+                del out
+                collector.remove()
             if on_layer is not None:
-                on_layer(LayerContext(i, prefix, layer, collector.stats, lora, dtypes))
-                for b in range(len(batches)):  # pass 1 kept no outputs: run the (modified) layer again
-                    cache[b] = _forward(layer, cache[b].to(dev), layer_kwargs[b][i]).to("cpu", dtype)
+                with clock("on_layer"):
+                    on_layer(LayerContext(i, prefix, layer, collector.stats, lora, dtypes))
+                with clock("forward"):
+                    for b in range(len(batches)):  # pass 1 kept no outputs: run the (modified) layer again
+                        cache[b] = _forward(layer, cache[b].to(dev), layer_kwargs[b][i]).to("cpu", dtype)
         finally:
             collector.remove()
         if keep_stats:
@@ -327,5 +360,4 @@ def calibrate_layerwise(
         for b in range(len(batches)):
             layer_kwargs[b][i] = {}
         del layer, lora, collector
-        gc.collect()
     return result
