@@ -186,7 +186,7 @@ class DiffReport:
     def to_dict(self) -> dict[str, Any]:
         """Everything, JSON-ready: inputs, per-tensor rows (most moved first), aggregates, problems."""
         layers, types, values = self.grid()
-        return {
+        return _finite({
             "a": self.a, "b": self.b, "base": self.base, "mode": self.mode, "rank": self.rank, "top": self.top,
             "seconds": self.seconds,
             "counts": {s: len(self.by_status(s)) for s in (CHANGED, UNCHANGED, MISSING_IN_A, MISSING_IN_B,
@@ -196,7 +196,18 @@ class DiffReport:
             "by_layer": [a.to_dict() for a in self.by_layer()],
             "by_type": [a.to_dict() for a in self.by_type()],
             "grid": {"layers": layers, "types": types, "rel_change": values},
-        }
+        })
+
+
+def _finite(obj: Any) -> Any:
+    """Non-finite floats (‖ΔW‖/‖W‖ of an all-zero W) become None, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------ the driver
