@@ -122,6 +122,15 @@ def _plan_adapter(a: Checkpoint, lora: LoraAdapter) -> dict[str, Setter]:
     return plan
 
 
+def path_setters(a: Checkpoint, b: Checkpoint | LoraAdapter) -> dict[str, Setter]:
+    """For each tensor of A that moves on the path: a function α -> its fp32 value at α.
+
+    Reads one tensor per call (A's original from disk, never a kept copy); α = 0 gives
+    A exactly, α = 1 gives B (for an adapter: A merged with it, as `surgery merge`).
+    """
+    return _plan_adapter(a, b) if isinstance(b, LoraAdapter) else _plan_checkpoints(a, b)
+
+
 def landscape(
     a: str | Path,
     b: str | Path,
@@ -152,10 +161,7 @@ def landscape(
         raise SurgeryError("no α values to evaluate")
     ckpt_a = Checkpoint.open(a)
     adapter_mode = is_adapter(b)
-    if adapter_mode:
-        plan = _plan_adapter(ckpt_a, LoraAdapter.open(b))
-    else:
-        plan = _plan_checkpoints(ckpt_a, Checkpoint.open(b))
+    plan = path_setters(ckpt_a, LoraAdapter.open(b) if adapter_mode else Checkpoint.open(b))
 
     def rows(src: Any, fields: tuple[str, ...]) -> list[dict] | None:
         if src is None:

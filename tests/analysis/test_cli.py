@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from surgery.cli.main import main
+
 from tests.factories import make_adapter, make_base
 
 os.environ.setdefault("SURGERY_PROGRESS", "0")
