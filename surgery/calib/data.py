@@ -175,7 +175,7 @@ def tokenize_pairs(
         if start > max_length and on_overflow == "error":
             raise DataError(
                 f"sample {i}: the prompt takes {start} tokens, more than the limit of {max_length}; "
-                "raise --max-length or allow truncation"
+                "raise --max-length or shorten the prompt"
             )
         if not ids:
             raise DataError(f"sample {i}: tokenizes to no tokens; remove it or fix the tokenizer")
@@ -203,7 +203,7 @@ def tokenize_prompts(
             if on_overflow == "error":
                 raise DataError(
                     f"sample {i}: the prompt takes {len(ids)} tokens, more than the limit of {max_length}; "
-                    "raise --max-length or allow truncation"
+                    "raise --max-length or shorten the prompt"
                 )
             ids = ids[:max_length]
         out.append(Sample(torch.tensor(ids, dtype=torch.long), torch.zeros(len(ids), dtype=torch.bool)))
@@ -216,10 +216,23 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
     model_dir = Path(model_dir)
     try:
+        if _saved_class(model_dir) in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            # a plain tokenizer.json tokenizer: AutoTokenizer would swap in the model type's own class
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"no usable tokenizer in {model_dir} ({first}); save the model's tokenizer beside it") from None
+
+
+def _saved_class(model_dir: Path) -> str | None:
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
 
 
 def calibration_samples(

@@ -1,0 +1,261 @@
+"""Antidote (Huang et al., arXiv 2408.09600): prune the weights harmful data relies on most.
+
+After harmful fine-tuning, Antidote computes Wanda scores |W_ij|·||X_j|| on harmful
+calibration data (prompt + harmful response) and zeroes, in every output row, the
+*highest*-scoring share `ratio` of the weights (Wanda zeroes the lowest). The count per
+row is Antidote's own, `n - int(n · (1 - ratio))` (its mask keeps the lowest
+`int(n · (1 - ratio))`), which can exceed `int(n · ratio)` by one.
+
+Three modes:
+- `adapter=`: the published algorithm. The fine-tuning LoRA stays unmerged on `model`;
+  each LoRA matrix is scored with its own input (lora_A with the layer input x, lora_B
+  with A·x) and pruned; base weights are untouched; the result is a peft adapter.
+- merged model: the same rule on the decoder layers' Linear weights (`targets`).
+- `aligned=`: delta-aware variant for a merged model: score only the fine-tuning delta,
+  |W - W_aligned|·||X||, and reset the selected entries to their aligned values.
+All modes calibrate layer by layer (each layer's statistics from its unmodified form,
+then the modified layer re-run for the next layer, as the reference does) and count
+all tokens by default: the published code feeds whole sequences with no prompt masking.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.calib.data import Sample, calibration_samples
+from surgery.calib.layerwise import LayerContext, calibrate_layerwise
+from surgery.calib.stats import LinearStats
+from surgery.errors import MismatchError, SurgeryError
+from surgery.io.adapter import LoraAdapter
+from surgery.io.atomic import check_output
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.provenance import provenance
+from surgery.kernels.topk_mask import topk_mask, wanda_prune_
+from surgery.kernels.wanda_score import wanda_score
+from surgery.methods.wanda import (
+    DEFAULT_MAX_LENGTH,
+    SurgeryReport,
+    TensorChange,
+    _sync,
+    default_device,
+    layer_surgery,
+)
+
+__all__ = ["antidote", "antidote_count", "antidote_mask", "antidote_prune_", "DEFAULT_RATIO", "REPORT_NAME"]
+
+DEFAULT_RATIO = 0.1  # the reference's argparse default; its scripts use 0.1 (SST2), 0.05, 0.02, 0.01
+REPORT_NAME = "antidote_report.json"
+
+
+def antidote_count(n: int, ratio: float) -> int:
+    """Entries Antidote zeroes in a group of n: all but the `int(n·(1-ratio))` lowest scores."""
+    return n - int(n * (1.0 - ratio))
+
+
+def _k(shape: torch.Size, ratio: float, scope: str) -> tuple[int, int]:
+    """(k per group, number of groups) for a 2-D weight."""
+    if scope == "row":
+        return antidote_count(shape[1], ratio), shape[0]
+    return antidote_count(shape[0] * shape[1], ratio), 1
+
+
+def antidote_prune_(W: torch.Tensor, sq_norms: torch.Tensor, ratio: float, scope: str = "row") -> torch.Tensor:
+    """Zero in place the highest-scoring |W|·||X|| share `ratio` of W per row (or tensor); returns W."""
+    k, _ = _k(W.shape, ratio, scope)
+    return wanda_prune_(W, sq_norms, ratio, largest=True, scope=scope, k=k)
+
+
+def antidote_mask(delta: torch.Tensor, sq_norms: torch.Tensor, ratio: float, scope: str = "row") -> torch.Tensor:
+    """Bool mask of the highest |delta|·||X|| share `ratio` per row (or tensor): the delta-aware selection."""
+    k, _ = _k(delta.shape, ratio, scope)
+    return topk_mask(wanda_score(delta, sq_norms), ratio, largest=True, scope=scope, k=k)
+
+
+def _prune_edit(ratio: float, scope: str):
+    def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
+        k, groups = _k(W.shape, ratio, scope)
+        before = int(torch.count_nonzero(W))
+        antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
+        return TensorChange(name, list(W.shape), k * groups, before - int(torch.count_nonzero(W)))
+
+    return edit
+
+
+def _restore_edit(ratio: float, scope: str, aligned: Checkpoint):
+    def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
+        if name not in aligned:
+            raise MismatchError(f"{name} is not in the aligned checkpoint {aligned.path}; give the model it was "
+                                "fine-tuned from")
+        if tuple(aligned.info(name).shape) != tuple(W.shape):
+            raise MismatchError(f"{name}: aligned shape {list(aligned.info(name).shape)} differs from {list(W.shape)}")
+        W_al = aligned.get(name).to(W.device, torch.float32)
+        k, groups = _k(W.shape, ratio, scope)
+        mask = antidote_mask(W - W_al, st.sq_norms.to(W.device), ratio, scope)
+        changed = int((mask & (W != W_al)).sum())
+        torch.where(mask, W_al, W, out=W)
+        return TensorChange(name, list(W.shape), k * groups, changed)
+
+    return edit
+
+
+def _check(ratio: float, scope: str, tokens: str) -> float:
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise SurgeryError(f"--ratio must lie in [0, 1], got {ratio}")
+    if scope not in ("row", "tensor"):
+        raise SurgeryError(f"--scope must be row or tensor, got {scope!r}")
+    if tokens not in ("all", "response"):
+        raise SurgeryError(f"--tokens must be all or response, got {tokens!r}")
+    return ratio
+
+
+def antidote(
+    model: str | Path,
+    calib: str | Path | None,
+    ratio: float = DEFAULT_RATIO,
+    out: str | Path | None = None,
+    *,
+    adapter: str | Path | None = None,
+    aligned: str | Path | None = None,
+    scope: str = "row",
+    targets: Sequence[str] | None = None,
+    dry_run: bool = False,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    num_samples: int | None = None,
+    tokens: str = "all",
+    chat_template: bool = True,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    force: bool = False,
+    samples: Sequence[Sample] | None = None,
+) -> SurgeryReport:
+    """Run Antidote on `model` (+ `adapter`) with harmful pairs from `calib`; write to `out` unless `dry_run`.
+
+    With `adapter`, prunes the adapter's lora_A/lora_B and writes an adapter; else edits the
+    merged model's decoder Linears (zeroing, or with `aligned` resetting to aligned values)
+    and writes a model. A JSON report of per-tensor counts goes into `out` (`antidote_report.json`).
+    """
+    ratio = _check(ratio, scope, tokens)
+    if adapter is not None and aligned is not None:
+        raise SurgeryError("--aligned is for a merged model; with --adapter the LoRA itself is the fine-tuning delta")
+    if not dry_run:
+        if out is None:
+            raise SurgeryError("give an output path (-o) or pass --dry-run")
+        check_output(out, force)
+    if samples is None:
+        if calib is None:
+            raise SurgeryError("give harmful calibration data (--calib)")
+        samples = calibration_samples(model, calib, num_samples=num_samples, max_length=max_length,
+                                      chat_template=chat_template)
+    mode = "adapter" if adapter is not None else ("delta" if aligned is not None else "merged")
+    params: dict[str, Any] = {
+        "mode": mode, "ratio": ratio, "scope": scope, "targets": list(targets) if targets else None,
+        "num_samples": len(samples), "max_length": max_length, "tokens": tokens, "chat_template": chat_template,
+        "count": "n - int(n*(1-ratio))",
+    }
+    inputs: dict[str, Any] = {"calib": Path(calib)} if calib is not None else {}
+    if adapter is not None:
+        return _antidote_adapter(model, adapter, samples, ratio, out, scope=scope, targets=targets,
+                                 dry_run=dry_run, tokens=tokens, batch_size=batch_size, device=device,
+                                 force=force, params=params, inputs=inputs)
+    if aligned is not None:
+        al = Checkpoint.open(aligned)
+        edit = _restore_edit(ratio, scope, al)
+        inputs["aligned"] = al
+    else:
+        edit = _prune_edit(ratio, scope)
+    return layer_surgery(model, samples, edit, out, method=f"antidote-{mode}", params=params, inputs=inputs,
+                         targets=targets, token_mask=tokens, batch_size=batch_size, device=device, force=force,
+                         dry_run=dry_run, report_name=REPORT_NAME)
+
+
+def _antidote_adapter(
+    model: str | Path, adapter_dir: str | Path, samples: Sequence[Sample], ratio: float, out: str | Path | None, *,
+    scope: str, targets: Sequence[str] | None, dry_run: bool, tokens: str, batch_size: int,
+    device: str | torch.device | None, force: bool, params: dict[str, Any], inputs: dict[str, Any],
+) -> SurgeryReport:
+    """The published algorithm: prune the unmerged LoRA's A and B, each scored with its own input."""
+    ckpt = Checkpoint.open(model)
+    adapter = LoraAdapter.open(adapter_dir)
+    modules, _ = adapter.match(ckpt)
+    paths = {base_key[: -len(".weight")]: m for base_key, m in modules.items()
+             if m.kind == "linear" and base_key.endswith(".weight")}
+    from surgery.calib.stats import match_target
+
+    selected = sorted(p for p in paths if targets is None or match_target(p, targets))
+    if not selected:
+        raise SurgeryError(f"no LoRA module of {adapter_dir} matches the targets {list(targets or [])}; check --targets")
+    dev = torch.device(device) if device is not None else default_device()
+    report = SurgeryReport("antidote-adapter", params, out=None if dry_run else str(out), dry_run=dry_run,
+                           samples=len(samples))
+    report.tokens = sum(len(s) for s in samples) if tokens == "all" else sum(s.num_response_tokens for s in samples)
+    new: dict[str, torch.Tensor] = {}
+    timings: dict[str, float] = {}
+    edit_seconds = 0.0
+
+    def on_layer(ctx: LayerContext) -> None:
+        nonlocal edit_seconds
+        for path in selected:
+            if path not in ctx.lora:
+                continue
+            m = paths[path]
+            wrapper = ctx.lora[path]
+            _sync()
+            t0 = time.perf_counter()
+            for part, key in (("lora_A", m.a_key), ("lora_B", m.b_key)):
+                W = getattr(wrapper, part).weight.data
+                st = ctx.stats[f"{path}.{part}"]
+                k, groups = _k(W.shape, ratio, scope)
+                before = int(torch.count_nonzero(W))
+                antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
+                report.tensors.append(TensorChange(key, list(W.shape), k * groups,
+                                                   before - int(torch.count_nonzero(W))))
+                new[key] = W.detach().to("cpu", adapter.info(key).torch_dtype).clone()
+            _sync()
+            edit_seconds += time.perf_counter() - t0
+
+    start = time.perf_counter()
+    calibrate_layerwise(ckpt, samples, selected, token_mask=tokens, batch_size=batch_size, device=dev,
+                        adapter=adapter, on_layer=on_layer, keep_stats=False, timings=timings,
+                        description="antidote")
+    missing = [p for p in selected if paths[p].a_key not in new]
+    if missing:
+        raise SurgeryError(f"LoRA module {missing[0]} is not inside a decoder layer; only decoder-layer LoRA is supported")
+    t0 = time.perf_counter()
+    if not dry_run:
+        tensors = {key: new.get(key, adapter.get(key)) for key in adapter.names()}
+        meta = provenance("antidote-adapter", params, {"model": ckpt, "adapter": adapter, **inputs})
+        report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
+        _write_adapter_with_report(out, adapter, tensors, meta, force, report)
+    report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
+    return report
+
+
+def _seconds(timings: dict[str, float], edit: float, write: float, start: float) -> dict[str, float]:
+    return {"calibration": timings.get("forward", 0.0), "edit": edit,
+            "io": timings.get("read", 0.0) + write, "total": time.perf_counter() - start}
+
+
+def _write_adapter_with_report(out: str | Path, adapter: LoraAdapter, tensors: dict[str, torch.Tensor],
+                               meta: dict[str, str], force: bool, report: SurgeryReport) -> None:
+    """Write the adapter (config and weights as peft saves them) plus the report, atomically.
+
+    Like `surgery.io.adapter.write_adapter`, with the report inside the same atomic directory."""
+    from surgery.io.adapter import CONFIG_NAME, WEIGHTS_NAME
+    from surgery.io.writer import CheckpointWriter, TensorSpec
+
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    extra: dict[str, str] = {
+        CONFIG_NAME: json.dumps(adapter.config, indent=2, sort_keys=True) + "\n",
+        REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n",
+    }
+    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force, weights_name=WEIGHTS_NAME,
+                          extra_files=extra) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
