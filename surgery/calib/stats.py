@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from surgery.calib.data import Sample
 from surgery.errors import DataError, SurgeryError
+from surgery.kernels.activation_stats import channel_sq_norms, covariance
 
 __all__ = [
     "LinearStats",
@@ -47,43 +48,6 @@ TOKEN_MASKS = ("all", "response")
 PEFT_PREFIX = "base_model.model."
 # Default selection: every Linear inside a decoder layer (`...layers.<i>....`), as Wanda does.
 DEFAULT_TARGET_RE = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
-
-
-def _fallback_sq_norms(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).float()
-    if mask is not None:
-        x = x[mask.reshape(-1)]
-    return (x * x).sum(0)
-
-
-def _fallback_covariance(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).float()
-    if mask is not None:
-        x = x[mask.reshape(-1)]
-    return x.t() @ x
-
-
-_KERNELS: tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None = None
-
-
-def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-    """`surgery.kernels` channel_sq_norms / covariance (plain torch until they are installed)."""
-    global _KERNELS
-    if _KERNELS is None:
-        import importlib
-
-        found: dict[str, Callable[..., torch.Tensor]] = {}
-        for op in ("channel_sq_norms", "covariance"):
-            for mod in (f"surgery.kernels.{op}", "surgery.kernels.channel_stats", "surgery.kernels"):
-                try:
-                    fn = getattr(importlib.import_module(mod), op, None)
-                except ImportError:
-                    fn = None
-                if fn is not None:
-                    found[op] = fn
-                    break
-        _KERNELS = (found.get("channel_sq_norms", _fallback_sq_norms), found.get("covariance", _fallback_covariance))
-    return _KERNELS
 
 
 @dataclass
@@ -221,7 +185,6 @@ class StatsCollector:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _accumulate(self, st: LinearStats, mod: nn.Module, x: torch.Tensor, want_y: bool) -> None:
-        channel_sq_norms, covariance = _kernels()
         d = x.shape[-1]
         x2 = x.detach().reshape(-1, d)
         mask = None
