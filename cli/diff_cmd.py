@@ -29,8 +29,13 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
     return format(x, fmt)
 
 
+def _short(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
 def _print(report: DiffReport, rows: int) -> None:
-    console = Console()
+    detected = Console().width
+    console = Console(width=max(detected, 150))  # a piped table stays readable; a wide terminal uses its width
     with_base = report.base is not None
     table = Table(title=f"most moved tensors ({min(rows, len(report.tensors))} of {len(report.tensors)})",
                   title_justify="left")
@@ -42,10 +47,10 @@ def _print(report: DiffReport, rows: int) -> None:
     for t in report.sorted_by_movement()[:rows]:
         m = t.metrics
         if m is None:
-            table.add_row(t.name, f"[yellow]{t.status}[/yellow]", t.note, *[""] * (5 + 3 * with_base))
+            table.add_row(_short(t.name), f"[yellow]{t.status}[/yellow]", t.note, *[""] * (5 + 3 * with_base))
             continue
         sv = ", ".join(_num(s, ".2g") for s in m.singular_values[:3])
-        cells = [t.name, _num(m.rel_change), _num(m.cosine, ".4f"), _num(m.max_abs),
+        cells = [_short(t.name), _num(m.rel_change), _num(m.cosine, ".4f"), _num(m.max_abs),
                  "-" if m.changed_share is None else f"{100 * m.changed_share:.1f}%",
                  _num(m.stable_rank, ".2f"), _num(m.effective_rank, ".2f"), sv]
         if with_base:

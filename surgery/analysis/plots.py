@@ -39,7 +39,7 @@ def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, t
     if not layers or not types:
         raise ValueError("the diff has no tensors inside numbered layers to draw")
     grid = np.array([[np.nan if v is None or math.isinf(v) else v for v in row] for row in values], dtype=float)
-    fig = _figure(1.6 + 0.75 * len(types), 1.6 + 0.38 * len(layers))
+    fig = _figure(2.0 + 0.75 * len(types), 2.4 + 0.4 * len(layers))
     ax = fig.add_subplot(1, 1, 1)
     finite = grid[np.isfinite(grid)]
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
