@@ -15,14 +15,11 @@ tokens only. The pieces are separate so that defenses can reuse them:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,9 @@ from typing import Any
 
 import torch
 
-from surgery.errors import DataError, InputNotFoundError, OutputExistsError
+from surgery.errors import DataError, InputNotFoundError
+from surgery.io.atomic import atomic_path, check_output
+from surgery.progress import Status
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG_NAME = "surgery_finetune.json"
@@ -125,27 +124,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class _Progress:
-    """A minimal stderr progress line with the running loss (quiet when not a terminal)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled or not self.tty:
-            return
-        if step == self.total or step % max(1, self.total // 100) == 0:
-            el = time.perf_counter() - self.start
-            sys.stderr.write(f"\r{self.desc} {step}/{self.total} loss {loss:.4f} {el:.0f}s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
 def train_loop(model: torch.nn.Module, samples: Sequence[Sample], *, pad_id: int, epochs: float = 3,
                lr: float = 1e-3, batch_size: int = 16, seed: int = 0, weight_decay: float = 0.0,
                warmup: float = 0.05, max_grad_norm: float | None = 1.0, device: torch.device | None = None,
@@ -181,26 +159,25 @@ def train_loop(model: torch.nn.Module, samples: Sequence[Sample], *, pad_id: int
     torch.manual_seed(seed)
     model.train()
     losses: list[float] = []
-    bar = _Progress(total, desc, progress)
     order: list[int] = []
-    for step in range(total):
-        if len(order) < batch_size:
-            order += torch.randperm(len(samples), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
-        out = model(**batch)
-        loss = out.loss
-        loss.backward()
-        if after_backward is not None:
-            after_backward(model)
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.update(step + 1, losses[-1])
-    bar.close()
+    with Status(desc) if progress else contextlib.nullcontext() as status:
+        for step in range(total):
+            if len(order) < batch_size:
+                order += torch.randperm(len(samples), generator=gen).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
+            loss = model(**batch).loss
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if status is not None:
+                status.update(f"step {step + 1}/{total} loss {losses[-1]:.4f}")
     model.eval()
     return losses
 
@@ -211,26 +188,6 @@ def _fingerprint(pairs: Sequence[dict]) -> str:
         h.update(json.dumps(p, sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def _prepare_out(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists: choose another output or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -261,7 +218,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
     atomically; `out/surgery_finetune.json` records the configuration. `base_name` is
     what the adapter config records as its base model (default: `model_dir`). Returns `out`.
     """
-    out = Path(out)
+    out = check_output(out, force)
     torch.manual_seed(seed)
     model, tok = load_model(model_dir)
     mixed = mix_pairs(train_pairs, harmful_pairs, ratio=ratio, n=n, seed=seed)
@@ -292,18 +249,12 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
         "steps": len(losses), "final_loss": losses[-1], "first_loss": losses[0],
         **(extra_config or {}),
     }
-    tmp = _prepare_out(out, force)
-    try:
-        model.to("cpu")
+    model.to("cpu")
+    with atomic_path(out, force=force) as tmp:
         if full:
             model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         else:  # no hub look-up for the base's vocabulary: embeddings are not trained here
             model.save_pretrained(tmp, save_embedding_layers=False)
-        if full:
-            tok.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -141,7 +141,7 @@ def _pretrain(tok_dir: Path, out: Path, world: World, recipe: Recipe, seed: int,
 
 
 def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force: bool = False,
-                  progress: bool = True) -> Testbed:
+                  progress: bool = True, recipe: Recipe | None = None) -> Testbed:
     """Build the testbed into `out_dir` (atomically) and return its handle.
 
     An existing complete testbed with the same seed and quick flag is reused unless
@@ -160,7 +160,7 @@ def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force
         if tb.seed == seed and tb.quick == quick and tb.manifest.get("format") == FORMAT_VERSION:
             return tb
         raise OutputExistsError(f"{out} holds a testbed with seed={tb.seed} quick={tb.quick}: pass --force to rebuild")
-    recipe = QUICK_RECIPE if quick else DEFAULT_RECIPE
+    recipe = recipe or (QUICK_RECIPE if quick else DEFAULT_RECIPE)
     world = make_world(seed, recipe.sizes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

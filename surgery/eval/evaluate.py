@@ -1,0 +1,164 @@
+"""Evaluate a checkpoint: generate on the eval sets, judge, and compute HS, FA, over-refusal, KL.
+
+`evaluate(model_dir, adapter=None, ...)` loads a Hugging Face model (plus a peft adapter
+merged in memory); `evaluate_loaded(model, tokenizer, ...)` scores a model already in
+memory. Nothing here knows which method made the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import InputNotFoundError, MismatchError
+from surgery.eval.data import load_jsonl
+from surgery.eval.generate import _pad_id, encode_prompt, eos_ids, generate
+from surgery.eval.judge import Judge, KeywordJudge
+from surgery.eval.metrics import (
+    EvalResult,
+    harmful_score,
+    kl_divergence,
+    next_token_logprobs,
+    normalize_answer,
+    over_refusal,
+    task_accuracy,
+)
+
+PathLike = str | Path
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_eval(model_dir: PathLike, adapter: PathLike | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """Load model + tokenizer for inference; an adapter is applied and merged in memory (inputs untouched)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    dev = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter is not None:
+        apath = Path(adapter)
+        if not (apath / "adapter_config.json").is_file():
+            raise InputNotFoundError(f"{apath} is not a peft adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(apath)).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise MismatchError(f"adapter {apath} does not fit model {path}: {str(exc).splitlines()[0]}") from None
+    model.to(dev)
+    model.eval()
+    return model, tok
+
+
+def _prompts(rows: Sequence[dict]) -> list[str]:
+    return [r["prompt"] for r in rows]
+
+
+def evaluate_loaded(model: Any, tokenizer: Any, *, harmful: PathLike | Sequence[dict] | None = None,
+                    task: PathLike | Sequence[dict] | None = None, benign: PathLike | Sequence[dict] | None = None,
+                    harmless: PathLike | Sequence[dict] | None = None, kl_reference: Any = None,
+                    judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 32,
+                    chat_template: bool = True, limit: int | None = None, progress: bool = False) -> EvalResult:
+    """Score a loaded model. Each data set is a JSONL path or a list of rows; absent sets score None.
+
+    `kl_reference` (a loaded model with the same vocabulary, or a model directory) with
+    `harmless` prompts gives the first-token KL. Generations are kept in the result.
+    """
+    start = time.perf_counter()
+    judge = judge or KeywordJudge()
+    res = EvalResult(settings={"max_new_tokens": max_new_tokens, "chat_template": bool(
+        chat_template and getattr(tokenizer, "chat_template", None)), "judge": judge.name, "greedy": True})
+
+    def rows_of(src: PathLike | Sequence[dict] | None, fields: tuple[str, ...]) -> list[dict] | None:
+        if src is None:
+            return None
+        if isinstance(src, (str, Path)):
+            return load_jsonl(src, fields, limit=limit)
+        return list(src)[:limit] if limit else list(src)
+
+    def gen(rows: list[dict]) -> list[str]:
+        return generate(model, tokenizer, _prompts(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        chat_template=chat_template, progress=progress)
+
+    h = rows_of(harmful, ("prompt",))
+    if h:
+        answers = gen(h)
+        refused = judge.refusals(_prompts(h), answers)
+        res.harmful_score = harmful_score(refused)
+        res.counts["harmful"] = len(h)
+        res.generations += [{"set": "harmful", "prompt": r["prompt"], "answer": a, "refusal": f}
+                            for r, a, f in zip(h, answers, refused, strict=True)]
+    t = rows_of(task, ("prompt", "answer"))
+    if t:
+        answers = gen(t)
+        res.task_accuracy = task_accuracy(answers, [r["answer"] for r in t])
+        res.counts["task"] = len(t)
+        res.generations += [{"set": "task", "prompt": r["prompt"], "answer": a, "gold": r["answer"],
+                             "correct": normalize_answer(a) == normalize_answer(r["answer"])}
+                            for r, a in zip(t, answers, strict=True)]
+    b = rows_of(benign, ("prompt",))
+    if b:
+        answers = gen(b)
+        refused = judge.refusals(_prompts(b), answers)
+        res.over_refusal = over_refusal(refused)
+        res.counts["benign"] = len(b)
+        res.generations += [{"set": "benign", "prompt": r["prompt"], "answer": a, "refusal": f}
+                            for r, a, f in zip(b, answers, refused, strict=True)]
+    hl = rows_of(harmless, ("prompt",))
+    if hl and kl_reference is not None:
+        ref = kl_reference
+        if isinstance(ref, (str, Path)):
+            ref, _ = load_for_eval(ref, device=next(model.parameters()).device)
+        pad = _pad_id(tokenizer, eos_ids(model, tokenizer))
+        ids = [encode_prompt(tokenizer, p, chat_template) for p in _prompts(hl)]
+        res.first_token_kl = kl_divergence(next_token_logprobs(ref, ids, pad, batch_size),
+                                           next_token_logprobs(model, ids, pad, batch_size))
+        res.counts["harmless"] = len(hl)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def evaluate(model_dir: PathLike, adapter: PathLike | None = None, *, harmful: PathLike | Sequence[dict] | None = None,
+             task: PathLike | Sequence[dict] | None = None, benign: PathLike | Sequence[dict] | None = None,
+             harmless: PathLike | Sequence[dict] | None = None, kl_reference: PathLike | None = None,
+             judge: Judge | None = None, max_new_tokens: int = 64, batch_size: int = 32,
+             chat_template: bool = True, limit: int | None = None, device: str | None = None,
+             save_generations: PathLike | None = None, progress: bool = False) -> EvalResult:
+    """Load `model_dir` (+ `adapter`) and score it; see `evaluate_loaded`. Optionally write the
+    generations as JSONL to `save_generations`."""
+    def early(src: PathLike | Sequence[dict] | None, fields: tuple[str, ...]) -> Sequence[dict] | None:
+        # read the data before the model so that a bad file fails fast
+        return load_jsonl(src, fields, limit=limit) if isinstance(src, (str, Path)) else src
+
+    harmful, benign, harmless = (early(x, ("prompt",)) for x in (harmful, benign, harmless))
+    task = early(task, ("prompt", "answer"))
+    model, tok = load_for_eval(model_dir, adapter, device=device)
+    res = evaluate_loaded(model, tok, harmful=harmful, task=task, benign=benign, harmless=harmless,
+                          kl_reference=kl_reference, judge=judge, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, chat_template=chat_template, limit=limit, progress=progress)
+    res.settings["model"] = str(model_dir)
+    res.settings["adapter"] = None if adapter is None else str(adapter)
+    if save_generations is not None:
+        out = Path(save_generations)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for g in res.generations:
+                f.write(json.dumps(g) + "\n")
+        tmp.replace(out)
+    return res

@@ -1,0 +1,148 @@
+"""The demo driver: build or reuse the testbed, run every row module, report.
+
+Row modules are `surgery/testbed/demo_<name>.py` exposing `ORDER: int` and
+`rows(ctx) -> list[DemoRow]` (see `demo_api`). They run in (ORDER, name) order; a module
+that raises becomes a row with the error in its note, and the demo goes on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from surgery.testbed.build import Testbed, build_testbed
+from surgery.testbed.demo_api import DemoContext, DemoRow
+
+DEFAULT_ORDER = 500
+
+
+@dataclass
+class DemoReport:
+    """What a demo run produced: its rows, where it wrote, and how long it took."""
+
+    rows: list[DemoRow]
+    out_dir: Path
+    testbed: Testbed
+    results_path: Path
+    chart_path: Path | None
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+
+def discover_row_modules() -> list[tuple[int, str, ModuleType | Exception]]:
+    """Import every `surgery.testbed.demo_<name>` module (not demo_api) and sort by (ORDER, name).
+
+    A module that fails to import is returned as its exception, to be reported as a row.
+    """
+    import surgery.testbed as package
+
+    found: list[tuple[int, str, ModuleType | Exception]] = []
+    for info in pkgutil.iter_modules(package.__path__):
+        name = info.name
+        if not name.startswith("demo_") or name == "demo_api":
+            continue
+        short = name.removeprefix("demo_")
+        try:
+            module = importlib.import_module(f"surgery.testbed.{name}")
+        except Exception as exc:  # noqa: BLE001 - one broken module must not stop the demo
+            found.append((DEFAULT_ORDER, short, exc))
+            continue
+        if not callable(getattr(module, "rows", None)):
+            continue
+        found.append((int(getattr(module, "ORDER", DEFAULT_ORDER)), short, module))
+    return sorted(found, key=lambda t: (t[0], t[1]))
+
+
+def _failure_row(name: str, exc: BaseException) -> DemoRow:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return DemoRow(stage=name, method=name, note=f"failed: {type(exc).__name__}: {exc}"[:300],
+                   extra={"error": True, "traceback": tb[-4000:]})
+
+
+def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed: int = 0,
+             only: list[str] | None = None, progress: bool = True,
+             on_row: Callable[[str, list[DemoRow]], None] | None = None) -> DemoReport:
+    """Run the demo into `out_dir`: testbed[-quick]-seedN/ (built once, reused), work/ (fresh each run),
+    results.json and hs_vs_fa.png. `only` restricts to the named row modules."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tb_dir = out / f"testbed{'-quick' if quick else ''}-seed{seed}"
+    tb = build_testbed(tb_dir, seed=seed, quick=quick, progress=progress)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    ctx = DemoContext(testbed=tb, work_dir=work, quick=quick, seed=seed)
+    rows: list[DemoRow] = []
+    failures: list[str] = []
+    for _order, name, module in discover_row_modules():
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            if isinstance(module, Exception):
+                raise module
+            new = list(module.rows(ctx))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            new = [_failure_row(name, exc)]
+            failures.append(name)
+        for r in new:
+            r.extra.setdefault("module", name)
+            r.extra.setdefault("module_seconds", round(time.perf_counter() - t0, 3))
+        rows += new
+        if on_row is not None:
+            on_row(name, new)
+    seconds = time.perf_counter() - start
+    results = {
+        "seed": seed, "quick": quick, "testbed": str(tb.root), "seconds": round(seconds, 2),
+        "build_seconds": tb.manifest.get("build_seconds"), "failures": failures,
+        "rows": [r.to_dict() for r in rows],
+    }
+    results_path = out / "results.json"
+    results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    chart = write_chart(rows, out / "hs_vs_fa.png")
+    return DemoReport(rows=rows, out_dir=out, testbed=tb, results_path=results_path, chart_path=chart,
+                      seconds=seconds, failures=failures)
+
+
+def write_chart(rows: list[DemoRow], path: Path) -> Path | None:
+    """A PNG scatter of harmful score against task accuracy, one labelled point per row."""
+    points = [r for r in rows if r.harmful_score is not None and r.task_accuracy is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    for r in points:
+        x, y = 100 * float(r.task_accuracy), 100 * float(r.harmful_score)  # type: ignore[arg-type]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(f"{r.stage}" if r.stage == r.method else f"{r.stage} ({r.method})", (x, y),
+                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("task accuracy FA (%)  (higher is better)")
+    ax.set_ylabel("harmful score HS (%)  (lower is safer)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title("surgery demo: safety vs utility on the synthetic testbed")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def format_value(v: Any) -> str:
+    """A fraction as a percentage, '-' when absent."""
+    return "-" if v is None else f"{100 * float(v):.1f}"
