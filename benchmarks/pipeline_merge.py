@@ -132,7 +132,8 @@ def measure(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {stderr[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
 
 
 def warm(path: Path) -> None:
@@ -175,11 +176,16 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        built = subprocess.run(
+        for stale in root.glob("out-*"):
+            shutil.rmtree(stale)
+        # with --keep DIR from an earlier run, its inputs are reused
+        built = None if (root / "info.json").exists() else subprocess.run(
             [sys.executable, __file__, "--build-only", str(root), "--layers", str(args.layers),
              "--seed", str(args.seed)], check=True, capture_output=True, text=True,
         )
-        info = json.loads(built.stdout.strip().splitlines()[-1])
+        if built is not None:
+            (root / "info.json").write_text(built.stdout.strip().splitlines()[-1])
+        info = json.loads((root / "info.json").read_text())
         base, adapter = root / "base", root / "adapter"
         print(f"built {info['bytes'] / 1e9:.2f} GB checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
         exe = shutil.which("surgery")
@@ -201,7 +207,7 @@ def main() -> None:
                     shutil.rmtree(out)
         best = {
             name: {"wall_s": min(r["wall_s"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                   "runs": rs}
+                   "cpu_s": min(r["cpu_s"] for r in rs), "runs": rs}
             for name, rs in runs.items()
         }
         last = args.repeat - 1
@@ -240,11 +246,12 @@ def main() -> None:
     stem = RESULTS / f"pipeline_merge-{args.machine}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
-        "| path | wall time (s) | peak RSS (MB) |",
-        "|---|---:|---:|",
-        f"| `surgery merge` | {s['wall_s']} | {s['peak_rss_mb']} |",
-        f"| transformers + peft (`from_pretrained`, `merge_and_unload`, `save_pretrained`) | {p['wall_s']} | {p['peak_rss_mb']} |",
-        f"| floor: safetensors `load_file`/`save_file` per shard | {f['wall_s']} | {f['peak_rss_mb']} |",
+        "| path | wall time (s) | CPU time (s) | peak RSS (MB) |",
+        "|---|---:|---:|---:|",
+        f"| `surgery merge` | {s['wall_s']} | {s['cpu_s']} | {s['peak_rss_mb']} |",
+        f"| transformers + peft (`from_pretrained`, `merge_and_unload`, `save_pretrained`) | {p['wall_s']} | "
+        f"{p['cpu_s']} | {p['peak_rss_mb']} |",
+        f"| floor: safetensors `load_file`/`save_file` per shard | {f['wall_s']} | {f['cpu_s']} | {f['peak_rss_mb']} |",
     ]
     md = [
         f"# pipeline_merge on {args.machine} ({result['cpu']}, {result['cpus']} CPUs), {result['date']}",

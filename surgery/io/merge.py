@@ -90,8 +90,19 @@ def merged_weight(
     return w
 
 
-def _nonfinite(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+def _nonfinite(result: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `result` (fp32) holds NaN/Inf or overflows when cast to `dtype`.
+
+    One `aminmax` pass (NaN propagates through it) decides the common case; only a
+    suspicious tensor pays for the exact, much slower `isfinite` of the cast.
+    """
+    if not dtype.is_floating_point or result.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(result)
+    limit = torch.finfo(dtype).max
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and -limit <= lo.item() and hi.item() <= limit:
+        return False
+    return not bool(torch.isfinite(result.to(dtype)).all())
 
 
 def merge_adapter(
@@ -180,8 +191,9 @@ def merge_adapter(
             else:
                 result = w
             del w
+            nonfinite = _nonfinite(result, dtype)
             result = result.to(dtype)
-            if _nonfinite(result):
+            if nonfinite:
                 if not allow_nonfinite:
                     raise NonFiniteError(
                         f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
