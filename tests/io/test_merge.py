@@ -210,3 +210,17 @@ def test_streaming_reads_one_tensor_at_a_time(built, tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoint, "get", spy)
     merge_adapter(base, adapter, tmp_path / "out")
     assert reads == Checkpoint.open(base).names()
+
+
+def test_nan_in_adapter_is_refused(built, tmp_path):
+    from surgery.io.adapter import write_adapter
+
+    base, adapter_dir = _adapter(built, "llama")
+    src = LoraAdapter.open(adapter_dir)
+    tensors = {k: src.get(k).clone() for k in src.names()}
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    tensors[key][3, 1] = float("nan")
+    write_adapter(tmp_path / "nan", src.config, tensors)
+    with pytest.raises(NonFiniteError, match=r"model.layers.1.mlp.down_proj.weight"):
+        merge_adapter(base, tmp_path / "nan", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
