@@ -145,3 +145,30 @@ def test_cli_json_and_bad_input(trio, tmp_path: Path) -> None:
     with pytest.raises(SurgeryError):
         safelora(adapter, wrong, aligned, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_conv1d_layout_gpt2(tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights as [in, out]: V must be transposed before projecting lora_B [out, r]."""
+    model = build_model("gpt2", seed=0)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "aligned")
+    make_adapter(tmp_path / "aligned", tmp_path / "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    report = safelora(tmp_path / "adapter", tmp_path / "base", tmp_path / "aligned", tmp_path / "out", num_layers=1)
+    wb = load_file(str(tmp_path / "base" / "model.safetensors"))
+    wa = load_file(str(tmp_path / "aligned" / "model.safetensors"))
+    ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for m in report.modules:
+        V = (wa[m.weight].double() - wb[m.weight].double()).T  # [out, in]
+        B = ad[f"{PREFIX}{m.module}.lora_B.weight"].double()
+        A = ad[f"{PREFIX}{m.module}.lora_A.weight"].double()
+        P = V @ V.T / torch.linalg.norm(V)
+        new, old = P @ B @ A, B @ A
+        assert m.cosine == pytest.approx(float((new * old).sum() / (new.norm() * old.norm())), abs=1e-5)
+        if m.projected:
+            torch.testing.assert_close(got[f"{PREFIX}{m.module}.lora_B.weight"].double(), P @ B, atol=1e-5, rtol=1e-4)
+    assert len(report.projected) == 1
