@@ -13,6 +13,7 @@ from surgery.methods.salora import (
     DEFAULT_NITER,
     DEFAULT_SAMPLES,
     DEFAULT_TARGETS,
+    DEFAULT_TASK_RANK,
     SOLVERS,
     apply_salora,
     fit_salora,
@@ -39,16 +40,22 @@ def salora_group() -> None:
                    "auto: eigh up to d_out=4096.")
 @click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Randomized solver iterations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", default=None, type=click.Path(path_type=str),
+              help="JSONL task data: also store its output directions for the task-specific initialisation.")
+@click.option("--task-rank", type=int, default=DEFAULT_TASK_RANK, show_default=True,
+              help="Task output directions kept per module (the paper's ds).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Module .safetensors file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fit_command(aligned: str, safety: str, rank: int, targets: str, n_samples: int, max_length: int, solver: str,
-                niter: int, seed: int, out: str, force: bool, as_json: bool) -> None:
+                niter: int, seed: int, task: str | None, task_rank: int, out: str, force: bool,
+                as_json: bool) -> None:
     """Fit U (top-R output directions on safety data, response tokens) per target module of ALIGNED."""
     names = [t.strip() for t in targets.split(",") if t.strip()]
     report = fit_salora(aligned, safety, out, rank=rank, targets=names, n_samples=n_samples,
-                        max_length=max_length, solver=solver, niter=niter, seed=seed, force=force)
+                        max_length=max_length, solver=solver, niter=niter, seed=seed, task=task,
+                        task_rank=task_rank, force=force)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
         return

@@ -23,12 +23,16 @@ gets a forward hook on its lora_B that projects the LoRA output with
 `surgery.kernels.salora_project` (h = W x + s C B A x, autograd through C), and a
 state-dict hook that writes C B instead of B, so `save_pretrained` produces a plain peft
 adapter (folding is idempotent, C C = C, so reloading and training on is consistent).
-The paper's task-specific initialisation (PiSSA-style W_res = W - C B0 A0) is not implemented.
+The paper's task-specific initialisation (PiSSA-style W_res = W - C B0 A0) is an option
+(`fit_salora(task=...)` + `salora_prepare(..., task_init=True)`); its saved adapter is a
+plain peft adapter of rank 2r on the protected modules (see `SaloraHook`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +59,8 @@ EIGH_MAX_DIM = 4096
 SOLVERS = ("auto", "eigh", "randomized")
 KIND = "salora-module"
 U_SUFFIX = ".salora_U"
+VT_SUFFIX = ".salora_Vt"
+DEFAULT_TASK_RANK = 32
 REPORT_NAME = "salora_report.json"
 
 
@@ -134,6 +140,8 @@ def fit_salora(
     niter: int = DEFAULT_NITER,
     seed: int = 0,
     batch_size: int = 8,
+    task: str | Path | None = None,
+    task_rank: int = DEFAULT_TASK_RANK,
     force: bool = False,
 ) -> FitReport:
     """Fit SaLoRA's fixed safety module on `aligned` with `safety` pairs and write U per module to `out`.
@@ -141,6 +149,8 @@ def fit_salora(
     One whole-model forward in fp32 over the first `n_samples` pairs, response tokens
     only; Y^T Y per target Linear via `surgery.calib.stats`; the top-`rank` output
     directions per module. Output: a safetensors file `{module}.salora_U` -> [d_out, rank].
+    With `task` data, also the top-`task_rank` output directions on it,
+    `{module}.salora_Vt`, for the paper's task-specific initialisation.
     """
     from surgery.calib.stats import collect_linear_stats
     from surgery.methods.neurons import load_model_and_samples
@@ -154,9 +164,18 @@ def fit_salora(
         raise SurgeryError(f"--rank must be a positive integer, got {rank}")
     targets = list(targets)
     ckpt = Checkpoint.open(aligned)
-    model, _, samples = load_model_and_samples(aligned, safety, n_samples, max_length)
+    model, tok, samples = load_model_and_samples(aligned, safety, n_samples, max_length)
+    if task is not None and not 1 <= task_rank:
+        raise SurgeryError(f"--task-rank must be a positive integer, got {task_rank}")
     stats = collect_linear_stats(model, samples, targets, token_mask="response", want=("yty",),
                                  batch_size=batch_size, lora=False)
+    task_stats = {}
+    if task is not None:
+        from surgery.methods.neurons import tokenize_file
+
+        task_samples = tokenize_file(tok, task, n_samples, max_length)
+        task_stats = collect_linear_stats(model, task_samples, targets, token_mask="response", want=("yty",),
+                                          batch_size=batch_size, lora=False)
     report = FitReport(out=str(out), rank=rank, solver=solver)
     tensors: dict[str, torch.Tensor] = {}
     for name in track(sorted(stats), description="salora fit"):
@@ -167,11 +186,20 @@ def fit_salora(
         trace = float(torch.trace(st.yty.double()))
         energy = float(vals.clamp_min(0).sum()) / trace if trace > 0 else 0.0
         tensors[name + U_SUFFIX] = U.cpu()
+        if task is not None:
+            tt = task_stats[name]
+            if tt.yty is None or tt.tokens == 0:
+                raise SurgeryError(f"{name} saw no response tokens of the task data; check --task")
+            tensors[name + VT_SUFFIX] = top_eigenvectors(tt.yty, min(task_rank, tt.yty.shape[0]), solver,
+                                                         niter, seed)[0].cpu()
         report.modules.append(ModuleFit(name, st.yty.shape[0], rank, st.tokens, energy))
     params = {"rank": rank, "targets": targets, "n_samples": n_samples, "max_length": max_length,
               "solver": solver, "niter": niter, "oversample": DEFAULT_OVERSAMPLE, "seed": seed,
-              "response_tokens_only": True}
-    meta = provenance("salora-fit", params, {"aligned": ckpt, "safety": Path(safety)})
+              "response_tokens_only": True, "task_rank": task_rank if task is not None else None}
+    inputs: dict[str, Any] = {"aligned": ckpt, "safety": Path(safety)}
+    if task is not None:
+        inputs["task"] = Path(task)
+    meta = provenance("salora-fit", params, inputs)
     meta["surgery.kind"] = KIND
     meta["surgery.salora"] = "C = I - U U^T per module; U = top output directions of the module on safety data"
     write_tensors(out, tensors, metadata=meta, force=force)
@@ -187,14 +215,25 @@ def load_module(path: str | Path) -> dict[str, torch.Tensor]:
     ckpt = Checkpoint.open(path)
     if ckpt.metadata().get("surgery.kind") != KIND:
         raise SurgeryError(f"{path} is not a SaLoRA module file (made by `surgery salora fit`)")
+    return _read_suffix(ckpt, path, U_SUFFIX)
+
+
+def load_task_subspaces(path: str | Path) -> dict[str, torch.Tensor]:
+    """module path -> V_t [d_out, ds] (task output directions), empty if fitted without --task."""
+    return _read_suffix(Checkpoint.open(path), Path(path), VT_SUFFIX)
+
+
+def _read_suffix(ckpt: Checkpoint, path: Path, suffix: str) -> dict[str, torch.Tensor]:
     out = {}
     for name in ckpt.names():
-        if not name.endswith(U_SUFFIX):
+        if not name.endswith((U_SUFFIX, VT_SUFFIX)):
             raise SurgeryError(f"{path}: unexpected tensor {name}; re-create it with `surgery salora fit`")
-        U = ckpt.get(name).float()
-        if U.dim() != 2:
+        if not name.endswith(suffix):
+            continue
+        t = ckpt.get(name).float()
+        if t.dim() != 2:
             raise SurgeryError(f"{path}: {name} is not a matrix")
-        out[name[: -len(U_SUFFIX)]] = U
+        out[name[: -len(suffix)]] = t
     return out
 
 
@@ -279,11 +318,23 @@ class SaloraHook:
     saved adapter is a plain peft adapter. `fold_(model)` makes the fold permanent in the
     parameters and removes the hooks; `remove()` removes them without folding.
     `protected` / `unprotected` list the LoRA layers with and without a fitted U.
+
+    `task_init=True` (needs a module fitted with `--task`): the paper's task-specific
+    initialisation. With W ~ U2 S2 V2^T (top r singular triplets), B0 = Vt Vt^T U2 sqrt(S2),
+    A0 = sqrt(S2) V2^T; lora_B, lora_A start at B0, A0 and the frozen base becomes
+    W_res = W - s C B0 A0 (the output is unchanged at step 0). So that the saved adapter
+    still applies to the original W, the state dict then holds W (not W_res) and a rank-2r
+    LoRA [C B, -C B0] [A; A0] (its `rank_pattern`/`alpha_pattern` entries keep the scaling),
+    whose product is s (C B A - C B0 A0) = the fine-tuned weights minus W.
     """
 
-    def __init__(self, module_path: str | Path) -> None:
+    def __init__(self, module_path: str | Path, task_init: bool = False) -> None:
         self.module_path = Path(module_path)
         self.U = load_module(module_path)
+        self.task_init = task_init
+        self.Vt = load_task_subspaces(module_path) if task_init else {}
+        if task_init and not self.Vt:
+            raise SurgeryError(f"{module_path} has no task subspace; fit it with `surgery salora fit --task T.jsonl`")
         self.protected: list[str] = []
         self.unprotected: list[str] = []
         self._handles: list[Any] = []
@@ -310,14 +361,68 @@ class SaloraHook:
                 u = U.to(lora_b.weight.device)
                 self._bound.append((lora_b, u))
                 self._handles.append(lora_b.register_forward_hook(_project_output(u)))
-                self._handles.append(lora_b.register_state_dict_post_hook(_fold_state(u)))
+                if self.task_init:
+                    self._task_init(model, path, layer, adapter_name, u)
+                else:
+                    self._handles.append(lora_b.register_state_dict_post_hook(_fold_state(u)))
             self.protected.append(path)
         if not self.protected:
             raise MismatchError(f"no LoRA layer of the model has a fitted U in {self.module_path}; "
                                 "fine-tune the modules the SaLoRA module was fitted on (--targets)")
 
+    def _task_init(self, model: torch.nn.Module, path: str, layer: torch.nn.Module, name: str,
+                   U: torch.Tensor) -> None:
+        base = layer.base_layer
+        if not isinstance(base, torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+            raise SurgeryError(f"{path}: the task-specific initialisation supports nn.Linear layers only")
+        Vt = self.Vt.get(path)
+        if Vt is None:
+            raise SurgeryError(f"{path}: no task subspace in {self.module_path}; refit with --targets covering it")
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        r = lora_a.weight.shape[0]
+        s = float(layer.scaling[name])
+        with torch.no_grad():
+            W = base.weight.detach().float()
+            Uw, Sw, Vhw = torch.linalg.svd(W, full_matrices=False)
+            root = Sw[:r].sqrt()
+            vt = Vt.to(W.device)
+            B0 = vt @ (vt.T @ (Uw[:, :r] * root))
+            A0 = root[:, None] * Vhw[:r]
+            CB0 = salora_fold(U, B0)
+            base.weight.copy_((W - s * CB0 @ A0).to(base.weight.dtype))
+            lora_b.weight.copy_(B0.to(lora_b.weight.dtype))
+            lora_a.weight.copy_(A0.to(lora_a.weight.dtype))
+        CB0, A0 = CB0.detach(), A0.detach()
+        prefix_mod = layer
+
+        def export(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+            kb, ka, kw = f"{prefix}lora_B.{name}.weight", f"{prefix}lora_A.{name}.weight", f"{prefix}base_layer.weight"
+            if kb in state_dict and ka in state_dict:
+                b, a = state_dict[kb], state_dict[ka]
+                cb = salora_fold(U.to(b.device), b.detach().float())
+                state_dict[kb] = torch.cat([cb, -CB0.to(b.device)], dim=1).to(b.dtype)
+                state_dict[ka] = torch.cat([a.detach().float(), A0.to(a.device)], dim=0).to(a.dtype)
+            if kw in state_dict:  # the original W, so that W + the exported delta is the fine-tuned weight
+                w = state_dict[kw]
+                state_dict[kw] = (w.detach().float() + s * CB0.to(w.device) @ A0.to(w.device)).to(w.dtype)
+
+        self._handles.append(prefix_mod.register_state_dict_post_hook(export))
+        config = getattr(model, "peft_config", {}).get(name)
+        if config is not None:
+            key = re.escape(path)
+            rank_pattern = dict(config.rank_pattern or {})
+            alpha_pattern = dict(config.alpha_pattern or {})
+            alpha = float(alpha_pattern.get(key, config.lora_alpha))
+            rank_pattern[key] = 2 * r
+            # keep the scaling: alpha/r (or alpha/sqrt(r) with rslora) at rank 2r
+            alpha_pattern[key] = alpha * (math.sqrt(2) if config.use_rslora else 2)
+            config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+
     def fold_(self, model: torch.nn.Module | None = None) -> None:
         """B <- C B in every hooked lora_B, then remove the hooks (the model is a plain LoRA model again)."""
+        if self.task_init:
+            raise RuntimeError("fold_ is not defined after the task-specific initialisation (the base is W_res); "
+                               "save the adapter instead")
         with torch.no_grad():
             for lora_b, u in self._bound:
                 w = lora_b.weight
@@ -348,13 +453,14 @@ def _fold_state(U: torch.Tensor) -> Any:
     return hook
 
 
-def salora_prepare(module_path: str | Path) -> SaloraHook:
+def salora_prepare(module_path: str | Path, task_init: bool = False) -> SaloraHook:
     """The `prepare_model` hook for SaLoRA fine-tuning with the module at `module_path`.
 
     `finetune(model_dir, pairs, out, prepare_model=salora_prepare(m), targets=[...])`
     trains with h = W x + s C B A x and saves a plain peft adapter (C folded into B).
+    `task_init=True`: the paper's task-specific initialisation (see `SaloraHook`).
     """
-    return SaloraHook(module_path)
+    return SaloraHook(module_path, task_init=task_init)
 
 
 def salora_targets(module_path: str | Path) -> list[str]:

@@ -187,3 +187,51 @@ def test_cli_fit_and_apply(setup, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["salora", "apply", str(adapter), "--module", str(setup["safety"]),
                               "-o", str(tmp_path / "bad")])
     assert res.exit_code != 0 and not (tmp_path / "bad").exists()
+
+
+def test_task_specific_init(setup, tmp_path: Path) -> None:
+    """B0 = Vt Vt^T U2 sqrt(S2), A0 = sqrt(S2) V2^T, W_res = W - s C B0 A0: same output at step 0; after
+    training, the saved rank-2r adapter over the original W reproduces the fine-tuned model exactly."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgery.calib.data import load_pairs
+    from surgery.methods.finetune import encode_pairs, train_loop
+    from surgery.methods.salora import load_task_subspaces
+
+    module = tmp_path / "task.safetensors"
+    fit_salora(setup["model"], setup["safety"], module, rank=RANK, targets=["q_proj", "v_proj"],
+               task=setup["task"], task_rank=4)
+    Vts = load_task_subspaces(module)
+    assert sorted(Vts) == sorted(load_module(module)) and all(v.shape[1] == 4 for v in Vts.values())
+    tok = AutoTokenizer.from_pretrained(setup["model"])
+    original = AutoModelForCausalLM.from_pretrained(setup["model"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(setup["model"]),
+                           LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    samples = encode_pairs(tok, load_pairs(setup["task"]))
+    x = torch.tensor([samples[0].input_ids])
+    hook = salora_prepare(module, task_init=True)
+    hook(model)
+    path = "model.layers.0.self_attn.q_proj"
+    layer = model.get_submodule("base_model.model." + path)
+    W = original.get_submodule(path).weight.detach().double()
+    Uw, Sw, Vhw = torch.linalg.svd(W)
+    Vt = Vts[path].double()
+    B0 = Vt @ Vt.T @ Uw[:, :2] @ torch.diag(Sw[:2].sqrt())
+    torch.testing.assert_close(layer.lora_B["default"].weight.double(), B0, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, original(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+    train_loop(model, samples, pad_id=tok.pad_token_id, epochs=2, lr=1e-2, batch_size=4,
+               device=torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        tuned = model(input_ids=x).logits
+    model.save_pretrained(tmp_path / "ft")
+    cfg = json.loads((tmp_path / "ft" / "adapter_config.json").read_text())
+    assert set(cfg["rank_pattern"].values()) == {4} and len(cfg["rank_pattern"]) == 4
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), tmp_path / "ft")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, tuned, atol=1e-4, rtol=1e-4)
+    merged = reloaded.merge_and_unload()
+    U = load_module(module)[path].double()
+    dW = merged.get_submodule(path).weight.detach().double() - W
+    assert float(dW.abs().max()) > 1e-4 and float((U.T @ dW).abs().max()) < 1e-5
