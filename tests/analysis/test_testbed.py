@@ -60,3 +60,21 @@ def test_landscape_endpoints_are_the_models_scores(quick_testbed) -> None:  # no
     start, end = report.points
     assert (start.harmful_score, start.task_accuracy) == (aligned.harmful_score, aligned.task_accuracy)
     assert (end.harmful_score, end.task_accuracy) == (attacked.harmful_score, attacked.task_accuracy)
+
+
+def test_landscape_cli_json_and_plot(quick_testbed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    import json
+
+    from surgery.cli.main import main
+
+    tb = quick_testbed
+    png = tmp_path / "curve.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["landscape", str(tb.aligned), str(tb.attacked), "--harmful", str(tb.file("harmful_eval.jsonl")),
+              "--task", str(tb.file("task_eval.jsonl")), "--steps", "2", "--limit", "4", "--max-new-tokens", "8",
+              "--json", "--plot", str(png)])
+    assert exc.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["alpha"] for p in report["points"]] == [0.0, 1.0]
+    assert all(0.0 <= p["harmful_score"] <= 1.0 and 0.0 <= p["task_accuracy"] <= 1.0 for p in report["points"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
