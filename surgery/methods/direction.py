@@ -362,6 +362,10 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
             row["discarded"] = f"harmless KL > {kl_limit}"
         cands.append(row)
     kept = [c for c in cands if "discarded" not in c and math.isfinite(c.get("refusal_score", math.nan))]
+    if not kept and layer is not None:
+        raise SurgeryError(f"the candidate at layer {layer}, pos {todo[0][0]} is unusable "
+                           f"({cands[0].get('discarded', 'no finite score')}): at layer 0 every prompt has the same "
+                           "template tokens, so pick a later layer or another --pos")
     if not kept:
         raise SurgeryError(f"every candidate direction was filtered out (KL limit {kl_limit}, layers < "
                            f"{max_layer_fraction} L): raise --kl-limit or pick one with --layer")

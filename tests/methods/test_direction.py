@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from surgery.errors import SurgeryError
 from surgery.methods.direction import (
     ablation_hooks,
     addition_hook,
@@ -194,3 +195,37 @@ def test_cli_direction_and_bad_inputs(tiny: Path, tmp_path: Path) -> None:
         main(["edit", "direction", str(tiny), "--harmful", str(h), "--harmless", str(b), "--mode", "ablate",
               "-o", str(out)])
     assert exc.value.code == 2
+
+
+def test_multi_token_post_instruction_template(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from surgery.methods.direction import select_direction
+
+    path = make_tiny(tmp_path / "m", layers=2)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} </s> <|assistant|> "
+                         "{% endfor %}{% if add_generation_prompt %}sure{% endif %}")
+    enc = [encode_chat(tok, p) for p in HARMFUL[:3]]
+    assert post_instruction_length(tok, enc) == 3  # "</s> <|assistant|> sure" follow the user message
+    model, _ = _load(path)
+    sel = select_direction(model, tok, HARMFUL, HARMLESS, kl_limit=100.0, progress=False)
+    assert sel.n_pos == 3 and {c["pos"] for c in sel.candidates} == {-3, -2, -1}
+    assert len(sel.candidates) == 3 * 2 and -3 <= sel.pos <= -1
+
+
+def test_add_at_layer_zero_goes_through_the_embedding(tiny: Path, tmp_path: Path) -> None:
+    from surgery.io.checkpoint import Checkpoint
+
+    abl = tmp_path / "abl"
+    refusal_direction_edit(tiny, abl, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=1, progress=False)
+    with pytest.raises(SurgeryError, match="layer 0"):  # the same template token everywhere: zero difference
+        refusal_direction_edit(tiny, tmp_path / "x", mode="add", harmful=HARMFUL, harmless=HARMLESS, layer=0,
+                               progress=False)
+    out = tmp_path / "add0"
+    res = refusal_direction_edit(tiny, out, mode="add", direction_file=abl / "refusal_direction.safetensors",
+                                 layer=0, coeff=0.5, progress=False)
+    assert res.site == "embedding" and res.edited == ["model.embed_tokens.weight"]
+    d = load_direction(out / "refusal_direction.safetensors")
+    E0, E1 = Checkpoint.open(tiny).get("model.embed_tokens.weight"), Checkpoint.open(out).get("model.embed_tokens.weight")
+    torch.testing.assert_close(E1, E0 + 0.5 * d.mean_diff)

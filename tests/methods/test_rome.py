@@ -181,3 +181,25 @@ def test_cli_rome_json_and_bad_input(tiny: Path, tmp_path: Path) -> None:
         assert not bad.exists()
     with pytest.raises(SurgeryError):
         rome_edit(tiny, bad, prompt=PROMPT, subject="cake", target="x", no_cov=True, layer=7)
+
+
+def test_gpt2_conv1d_layout(tmp_path: Path) -> None:
+    """GPT-2 stores c_proj as [d_ff, d_model]: the edit must land transposed."""
+    import transformers as tf
+
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.testbed.tokenizer import save_tokenizer
+
+    src = tmp_path / "gpt2"
+    save_tokenizer(src)
+    tok = tf.AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.1,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(src)
+    res = rome_edit(src, tmp_path / "out", prompt=PROMPT, subject="cake", target="forest", no_cov=True,
+                    prefixes=((2, 2),), steps=3, progress=False)
+    assert res.tensor == "transformer.h.0.mlp.c_proj.weight"
+    W = Checkpoint.open(tmp_path / "out").get(res.tensor).float()
+    assert W.shape == (128, 32)
+    torch.testing.assert_close(W.T @ res.vectors["k_star"], res.vectors["v_star"], atol=1e-5, rtol=1e-4)
