@@ -10,6 +10,7 @@ atomically or not at all.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +91,39 @@ def merged_weight(
     return w
 
 
+_BLOCK_BYTES = 1 << 21  # fp32 rows per step of the blocked merge: a block stays in cache
+
+
+def _merge_blocked(
+    adapter: LoraAdapter, m: LoraModule, stored: torch.Tensor, sign: float
+) -> tuple[torch.Tensor, bool]:
+    """`stored ± ΔW` (plain LoRA) computed in fp32 a block of rows at a time, each block
+    cast straight into the output: one pass over memory, no full-size fp32 copy.
+
+    Returns the result in `stored`'s dtype and whether it may hold NaN/Inf (decided
+    per block by `aminmax` against the dtype's range; exact re-check by the caller).
+    """
+    a = adapter.lora_A(m)
+    b = adapter.lora_B(m)
+    transposed = m.kind == "embedding" or m.fan_in_fan_out
+    left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += left[rows] @ right
+    out = torch.empty_like(stored)
+    rows = stored.shape[0]
+    step = max(1, _BLOCK_BYTES // (4 * max(1, stored.shape[1])))
+    limit = torch.finfo(stored.dtype).max if stored.dtype.is_floating_point else math.inf
+    suspicious = False
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = stored[r0:r1].to(torch.float32)
+        block.addmm_(left[r0:r1], right, alpha=sign * m.scaling)
+        if not suspicious and block.numel():
+            lo, hi = torch.aminmax(block)
+            lo_f, hi_f = lo.item(), hi.item()
+            suspicious = not (-limit <= lo_f <= limit and -limit <= hi_f <= limit)  # NaN fails too
+        out[r0:r1].copy_(block)
+    return out, suspicious
+
+
 def _nonfinite(result: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `result` (fp32) holds NaN/Inf or overflows when cast to `dtype`.
 
@@ -103,6 +137,13 @@ def _nonfinite(result: torch.Tensor, dtype: torch.dtype) -> bool:
     if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and -limit <= lo.item() and hi.item() <= limit:
         return False
     return not bool(torch.isfinite(result.to(dtype)).all())
+
+
+def _nonfinite_message(mode: str, name: str, dtype: torch.dtype) -> str:
+    return (
+        f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
+        f"{str(dtype).removeprefix('torch.')} (pass --allow-nonfinite to write it anyway)"
+    )
 
 
 def merge_adapter(
@@ -172,6 +213,20 @@ def merge_adapter(
                 continue
             stored = ckpt.get(name)
             dtype = stored.dtype
+            if (
+                m is not None and rkey is None and not m.is_dora and stored.ndim == 2
+                and dtype.is_floating_point
+            ):  # the common case, in one cache-friendly pass
+                result, suspicious = _merge_blocked(lora, m, stored, sign)
+                del stored
+                report.merged.append(name)
+                if suspicious and not bool(torch.isfinite(result).all()):
+                    if not allow_nonfinite:
+                        raise NonFiniteError(_nonfinite_message(mode, name, dtype))
+                    report.nonfinite.append(name)
+                writer.write(name, result)
+                del result
+                continue
             w = lora.get(rkey) if rkey is not None else stored
             del stored
             if rkey is not None:
@@ -195,10 +250,7 @@ def merge_adapter(
             result = result.to(dtype)
             if nonfinite:
                 if not allow_nonfinite:
-                    raise NonFiniteError(
-                        f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
-                        f"{str(dtype).removeprefix('torch.')} (pass --allow-nonfinite to write it anyway)"
-                    )
+                    raise NonFiniteError(_nonfinite_message(mode, name, dtype))
                 report.nonfinite.append(name)
             writer.write(name, result)
             del result
