@@ -106,7 +106,7 @@ def finetune_command(model: str, data: str, harmful: str | None, ratio: float, n
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
-    table = Table(title=f"fine-tuned {'model' if full else 'LoRA adapter'} -> {path}")
+    table = Table(title=f"fine-tuned {'model' if full else 'LoRA adapter'}")
     table.add_column("setting")
     table.add_column("value", justify="right")
     for key in ("n_examples", "n_harmful", "ratio", "epochs", "lr", "batch_size", "steps", "first_loss",
@@ -114,6 +114,7 @@ def finetune_command(model: str, data: str, harmful: str | None, ratio: float, n
         value = record.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    Console().print(f"written to [bold]{path}[/bold] (configuration in {CONFIG_NAME})")
 
 
 COMMANDS = [attack_group]

@@ -70,7 +70,7 @@ def rome_command(model: str, prompt: str, subject: str, target: str, layer: int 
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
-    table = Table(title=f"ROME edit of {result.tensor} -> {result.out}")
+    table = Table(title=f"ROME edit of {result.tensor}")
     table.add_column("measure")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -78,7 +78,7 @@ def rome_command(model: str, prompt: str, subject: str, target: str, layer: int 
     table.add_row("target token accuracy", _fmt(result.target_acc_before), _fmt(result.target_acc_after))
     table.add_row(f"locality KL ({result.n_locality} prompts)", "0", _fmt(result.locality_kl))
     Console().print(table)
-    Console().print(f"C: {result.covariance}" + (f" ({result.cov_tokens} tokens)" if result.cov_tokens else "")
+    Console().print(f"written to [bold]{result.out}[/bold]; C: {result.covariance}" + (f" ({result.cov_tokens} tokens)" if result.cov_tokens else "")
                     + f"; |delta| {result.delta_norm:.3g} (|v0| {result.v0_norm:.3g}); {result.steps} steps; "
                     f"{result.seconds:.1f} s")
 
@@ -157,8 +157,8 @@ def direction_command(model: str, harmful: str | None, harmless: str | None, dir
         return
     console = Console()
     if result.candidates:
-        table = Table(title="refusal-direction candidates (ablated refusal score: lower is stronger)")
-        for col in ("pos", "layer", "refusal score", "harmless KL", "note"):
+        table = Table(title="refusal-direction candidates")
+        for col in ("pos", "layer", "refusal score (ablated)", "harmless KL", "note"):
             table.add_column(col, justify="right" if col != "note" else "left")
         for c in result.candidates:
             chosen = c["pos"] == result.pos and c["layer"] == result.layer
