@@ -196,6 +196,15 @@ class LoraAdapter:
 
     # ------------------------------------------------------------------ parsing
     def _parse(self) -> None:
+        try:
+            self._parse_unchecked()
+        except (TypeError, ValueError, re.error) as exc:
+            raise CorruptFileError(
+                f"{self.directory / CONFIG_NAME} has an invalid value ({exc}); check r, lora_alpha, "
+                "rank_pattern and alpha_pattern"
+            ) from None
+
+    def _parse_unchecked(self) -> None:
         cfg = self.config
         default_r = int(cfg.get("r", 8))
         default_alpha = float(cfg.get("lora_alpha", 8))

@@ -181,3 +181,14 @@ def test_write_adapter_round_trip_loads_in_peft(built, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     with pytest.raises(Exception, match="already exists"):
         write_adapter(out, config, tensors)
+
+
+@pytest.mark.parametrize("bad", [{"r": "four"}, {"r": 4, "rank_pattern": {"q[": 2}}, {"r": 4, "lora_alpha": [1]}])
+def test_invalid_config_values_are_corrupt(tmp_path, bad):
+    tensors = {
+        "base_model.model.layers.0.q.lora_A.weight": torch.zeros(4, 8),
+        "base_model.model.layers.0.q.lora_B.weight": torch.zeros(8, 4),
+    }
+    write_adapter(tmp_path / "a", {"target_modules": ["q"], **bad}, tensors)
+    with pytest.raises(CorruptFileError, match="invalid value"):
+        LoraAdapter.open(tmp_path / "a")
