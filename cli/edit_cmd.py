@@ -37,7 +37,7 @@ def edit_group() -> None:
 @click.option("--target", required=True, help="The new continuation to teach.")
 @click.option("--layer", type=int, help="Layer whose MLP down projection is edited (default about 0.17 L).")
 @click.option("--cov-data", type=click.Path(path_type=str), help="JSONL corpus (text or prompt/response) for the key covariance C.")
-@click.option("--no-cov", is_flag=True, help="Use C = I (EasyEdit's mom2_adjustment=false).")
+@click.option("--no-cov", is_flag=True, help="Use C = I (EasyEdit's mom2_adjustment=false); the default without --cov-data.")
 @click.option("--cov-samples", type=int, default=1000, show_default=True, help="Corpus lines used for C.")
 @click.option("--cache-dir", type=click.Path(path_type=str), help="Where C is cached (default ~/.cache/surgery/rome).")
 @click.option("--steps", type=int, default=25, show_default=True, help="Adam steps on the value vector.")
@@ -111,6 +111,9 @@ def _parse_prefixes(text: str) -> tuple[tuple[int, int], ...]:
 @click.option("--coeff", type=float, default=1.0, show_default=True, help="add: multiple of the mean difference added.")
 @click.option("--kl-limit", type=float, default=0.1, show_default=True,
               help="auto: discard candidates whose first-token KL on harmless prompts exceeds this.")
+@click.option("--steering-filter/--no-steering-filter", default=False, show_default=True,
+              help="auto: also discard candidates whose steering score (refusal when added on harmless "
+                   "prompts) is below 0, the paper's third filter.")
 @click.option("--refusal-token", "refusal_tokens", multiple=True,
               help="Words that start a refusal (repeatable; default I, Sorry, ...): the refusal score's tokens.")
 @click.option("--add-site", type=click.Choice(["auto", "bias", "mlp_bias", "embedding"]), default="auto",
@@ -122,7 +125,8 @@ def _parse_prefixes(text: str) -> tuple[tuple[int, int], ...]:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def direction_command(model: str, harmful: str | None, harmless: str | None, direction_file: str | None, layer: str,
-                      pos: int | None, mode: str, coeff: float, kl_limit: float, refusal_tokens: tuple[str, ...],
+                      pos: int | None, mode: str, coeff: float, kl_limit: float, steering_filter: bool,
+                      refusal_tokens: tuple[str, ...],
                       add_site: str, limit: int | None, seed: int, batch_size: int, out: str, force: bool,
                       as_json: bool) -> None:
     """Find MODEL's refusal direction from --harmful/--harmless prompts and ablate or add it; write OUT.
@@ -150,7 +154,8 @@ def direction_command(model: str, harmful: str | None, harmless: str | None, dir
               if v}
     result = refusal_direction_edit(model, out, mode=mode, harmful=h, harmless=b, direction_file=direction_file,
                                     layer=layer_n, pos=pos, coeff=coeff, kl_limit=kl_limit,
-                                    refusal_phrases=list(refusal_tokens) or None, add_site=add_site, seed=seed,
+                                    refusal_phrases=list(refusal_tokens) or None, add_site=add_site,
+                                    steering_filter=steering_filter, seed=seed,
                                     batch_size=batch_size, force=force, inputs=inputs)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
@@ -158,12 +163,12 @@ def direction_command(model: str, harmful: str | None, harmless: str | None, dir
     console = Console()
     if result.candidates:
         table = Table(title="refusal-direction candidates")
-        for col in ("pos", "layer", "refusal score (ablated)", "harmless KL", "note"):
+        for col in ("pos", "layer", "refusal score (ablated)", "harmless KL", "steering score", "note"):
             table.add_column(col, justify="right" if col != "note" else "left")
         for c in result.candidates:
             chosen = c["pos"] == result.pos and c["layer"] == result.layer
             table.add_row(str(c["pos"]), str(c["layer"]), _fmt(c.get("refusal_score")), _fmt(c.get("kl")),
-                          "chosen" if chosen else c.get("discarded", ""))
+                          _fmt(c.get("steering_score")), "chosen" if chosen else c.get("discarded", ""))
         console.print(table)
     what = (f"ablated from {len(result.edited)} tensors" if mode == "ablate"
             else f"added x{result.coeff} via {result.site}")

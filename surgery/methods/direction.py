@@ -299,14 +299,17 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
                      layer: int | None = None, pos: int | None = None, kl_limit: float = 0.1,
                      refusal_phrases: Sequence[str] | None = None, val_fraction: float = 0.25, seed: int = 0,
                      batch_size: int = 32, max_layer_fraction: float = MAX_LAYER_FRACTION,
-                     progress: bool = True) -> Selection:
+                     steering_filter: bool = False, progress: bool = True) -> Selection:
     """Compute the candidate directions and choose one (Arditi et al.'s selection).
 
     Prompts are split (seeded) into a train part for the means and a validation part for
     the scores. With `layer` (and optionally `pos`, negative, default -1) given, that
     candidate is taken and only scored; otherwise every candidate below
-    `max_layer_fraction * L` whose harmless KL is at most `kl_limit` competes and the
-    lowest ablated refusal score wins.
+    `max_layer_fraction * L` whose harmless KL is at most `kl_limit` competes, and the
+    lowest ablated refusal score wins. Every candidate's steering score (the refusal score
+    on harmless prompts with the mean difference added at its layer) is reported; with
+    `steering_filter` (the paper's third filter, off by default) candidates whose mean
+    steering score is below 0 are discarded too.
     """
     from surgery.progress import track
 
@@ -358,8 +361,13 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
             abl_b = last_logprobs(model, b_val, pad, batch_size)
         row["refusal_score"] = float(refusal_score(abl_h, refusal_ids).mean())
         row["kl"] = first_token_kl(base_b, abl_b)
+        with addition_hook(model, layout, ly, diff.float()):
+            row["steering_score"] = float(refusal_score(last_logprobs(model, b_val, pad, batch_size),
+                                                        refusal_ids).mean())
         if layer is None and (not math.isfinite(row["kl"]) or row["kl"] > kl_limit):
             row["discarded"] = f"harmless KL > {kl_limit}"
+        elif layer is None and steering_filter and not row["steering_score"] >= 0:
+            row["discarded"] = "steering score < 0"
         cands.append(row)
     kept = [c for c in cands if "discarded" not in c and math.isfinite(c.get("refusal_score", math.nan))]
     if not kept and layer is not None:
@@ -368,7 +376,9 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
                            "template tokens, so pick a later layer or another --pos")
     if not kept:
         raise SurgeryError(f"every candidate direction was filtered out (KL limit {kl_limit}, layers < "
-                           f"{max_layer_fraction} L): raise --kl-limit or pick one with --layer")
+                           f"{max_layer_fraction} L{', steering score >= 0' if steering_filter else ''}): raise "
+                           f"--kl-limit, {'drop --steering-filter, ' if steering_filter else ''}"
+                           "or pick one with --layer")
     best = min(kept, key=lambda c: (c["refusal_score"], -c["pos"], c["layer"]))
     diff = diffs[n_pos + best["pos"], best["layer"]]
     return Selection(layer=best["layer"], pos=best["pos"], direction=(diff / diff.norm()).float(),
@@ -537,7 +547,8 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
                            harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
                            direction_file: str | Path | None = None, layer: int | None = None,
                            pos: int | None = None, coeff: float = 1.0, kl_limit: float = 0.1,
-                           refusal_phrases: Sequence[str] | None = None, add_site: str = "auto", seed: int = 0,
+                           refusal_phrases: Sequence[str] | None = None, add_site: str = "auto",
+                           steering_filter: bool = False, seed: int = 0,
                            batch_size: int = 32, shard_size: int | None = None, force: bool = False,
                            progress: bool = True, params: dict[str, Any] | None = None,
                            inputs: dict[str, Any] | None = None) -> DirectionResult:
@@ -581,7 +592,8 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
         if not harmful or not harmless:
             raise DataError("give harmful and harmless prompts (or --direction FILE to reuse a saved direction)")
         sel = select_direction(model, tok, harmful, harmless, layer=layer, pos=pos, kl_limit=kl_limit,
-                               refusal_phrases=refusal_phrases, seed=seed, batch_size=batch_size, progress=progress)
+                               refusal_phrases=refusal_phrases, seed=seed, batch_size=batch_size,
+                               steering_filter=steering_filter, progress=progress)
     del model
 
     names = ckpt.names()
@@ -594,7 +606,8 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
         vector = coeff * sel.mean_diff
         site, new_tensors, plan, new_cfg = _addition_tensors(ckpt, cfg, layout, sel.layer, vector, add_site)
     run_params = {"mode": mode, "layer": sel.layer, "pos": sel.pos, "coeff": coeff if mode == "add" else None,
-                  "kl_limit": kl_limit, "seed": seed, "site": site, **(params or {})}
+                  "kl_limit": kl_limit, "steering_filter": steering_filter, "seed": seed, "site": site,
+                  **(params or {})}
     meta = provenance("direction", run_params, {"model": ckpt, **(inputs or {})})
     result = DirectionResult(
         out=str(out), direction_file=str(out / DIRECTION_FILE), mode=mode, layer=sel.layer, pos=sel.pos,

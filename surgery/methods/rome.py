@@ -445,7 +445,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
               force: bool = False, progress: bool = True) -> RomeResult:
     """Edit `model_dir` so that `prompt` (about `subject`) continues with `target`; write `out`.
 
-    One of `cov_data` (a JSONL corpus for C) or `no_cov=True` (C = I) is required. The
+    `cov_data` is a JSONL corpus for C; without it (or with `no_cov=True`) C = I. The
     result records the target probability before and after on the bare prompt and the
     mean next-token KL(before || after) on unrelated prompts (`locality_prompts`, else
     the first 16 corpus texts, else the sampled context prefixes).
@@ -457,8 +457,6 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     from surgery.kernels import rank_one_update_
 
     t0 = time.perf_counter()
-    if cov_data is None and not no_cov:
-        raise SurgeryError("give --cov-data C.jsonl (a local corpus for the key covariance) or --no-cov (C = I)")
     if cov_data is not None and no_cov:
         raise SurgeryError("--cov-data and --no-cov exclude each other: pick one")
     if steps < 0 or lr <= 0 or clamp_norm_factor <= 0:

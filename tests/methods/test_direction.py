@@ -212,6 +212,18 @@ def test_multi_token_post_instruction_template(tmp_path: Path) -> None:
     sel = select_direction(model, tok, HARMFUL, HARMLESS, kl_limit=100.0, progress=False)
     assert sel.n_pos == 3 and {c["pos"] for c in sel.candidates} == {-3, -2, -1}
     assert len(sel.candidates) == 3 * 2 and -3 <= sel.pos <= -1
+    assert all("steering_score" in c for c in sel.candidates if "refusal_score" in c)
+    # the paper's third filter: a candidate that cannot induce refusal on harmless prompts is dropped
+    steer = {(c["pos"], c["layer"]): c["steering_score"] for c in sel.candidates if "steering_score" in c}
+    try:
+        strict = select_direction(model, tok, HARMFUL, HARMLESS, kl_limit=100.0, steering_filter=True,
+                                  progress=False)
+    except SurgeryError as exc:
+        assert "steering" in str(exc) and all(v < 0 for v in steer.values())
+    else:
+        assert steer[(strict.pos, strict.layer)] >= 0
+        assert all(c.get("discarded") == "steering score < 0" for c in strict.candidates
+                   if steer.get((c["pos"], c["layer"]), 0) < 0)
 
 
 def test_add_at_layer_zero_goes_through_the_embedding(tiny: Path, tmp_path: Path) -> None:

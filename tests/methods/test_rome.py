@@ -163,7 +163,7 @@ def test_cli_rome_json_and_bad_input(tiny: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "cli"
     r = runner.invoke(cli, ["edit", "rome", str(tiny), "--prompt", PROMPT, "--subject", "cake", "--target",
-                            "forest", "--no-cov", "--prefixes", "2x2", "--steps", "2", "-o", str(out), "--json"])
+                            "forest", "--prefixes", "2x2", "--steps", "2", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["layer"] == 0 and d["covariance"] == "identity" and d["n_prefixes"] <= 2
@@ -171,7 +171,8 @@ def test_cli_rome_json_and_bad_input(tiny: Path, tmp_path: Path) -> None:
     from surgery.cli.main import main
 
     bad = tmp_path / "bad"
-    for args in (["--subject", "zebra"], ["--cov-data", str(tmp_path / "missing.jsonl")], []):
+    for args in (["--subject", "zebra"], ["--cov-data", str(tmp_path / "missing.jsonl")],
+                 ["--cov-data", str(tmp_path / "missing.jsonl"), "--no-cov"], ["--layer", "5"]):
         argv = ["edit", "rome", str(tiny), "--prompt", "where can i see a cake", "--target", "forest", "-o", str(bad)]
         if "--subject" not in args:
             argv += ["--subject", "cake"]
