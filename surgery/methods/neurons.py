@@ -58,7 +58,12 @@ def load_model_and_samples(model_dir: str | Path, data: str | Path, n_samples: i
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise InputNotFoundError(f"{path} has no usable tokenizer ({exc}); save the tokenizer beside the model") from None
+    tok = tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     samples = tokenize_pairs(tok, load_pairs(data, limit=n_samples), max_length, on_overflow="truncate")

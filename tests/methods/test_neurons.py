@@ -237,3 +237,12 @@ def test_cli_find_apply(setup, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["neurons", "find", str(setup["model"]), "--safety", str(setup["safety"]),
                               "--utility", str(setup["utility"]), "--p", "1.5", "--q", "0.2", "-o", str(tmp_path / "n")])
     assert res.exit_code != 0 and not (tmp_path / "n").exists()
+
+
+def test_model_without_tokenizer_is_a_user_error(setup, tmp_path: Path) -> None:
+    from tests.factories import make_base
+
+    bare = make_base(tmp_path / "bare")
+    with pytest.raises(SurgeryError, match="tokenizer"):
+        find_neurons(bare, setup["safety"], setup["utility"], tmp_path / "m.safetensors", p=0.1, q=0.2)
+    assert not (tmp_path / "m.safetensors").exists()
