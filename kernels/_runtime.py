@@ -35,7 +35,7 @@ except Exception:  # pragma: no cover
     triton = _Stub()  # type: ignore[assignment]
     tl = _Stub()  # type: ignore[assignment]
 
-__all__ = ["HAS_TRITON", "triton", "tl", "force_triton", "use_triton", "interpreting", "next_pow2"]
+__all__ = ["HAS_TRITON", "triton", "tl", "force_triton", "use_triton", "interpreting", "next_pow2", "device_fn"]
 
 
 def interpreting() -> bool:
@@ -62,6 +62,15 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if ts and force_triton() and all(t.device.type == "cpu" for t in ts):
         return True
     return False
+
+
+def device_fn(fn):
+    """Decorator for helpers called from kernels: `triton.jit` when compiling, the plain
+    function under the interpreter (whose per-call re-patching of `triton.language` for
+    nested jit functions dominates interpreter time; plain calls see the patched module)."""
+    if HAS_TRITON and not interpreting():
+        return triton.jit(fn)
+    return fn
 
 
 def next_pow2(n: int) -> int:

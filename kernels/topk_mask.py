@@ -31,14 +31,18 @@ and zeroes the selected weights in place: no score tensor, no sort, no int64 ind
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ._runtime import interpreting, next_pow2, tl, triton, use_triton
+from ._runtime import HAS_TRITON, device_fn, interpreting, next_pow2, tl, triton, use_triton
 from .wanda_score import wanda_score_reference
 
 __all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_reference_"]
 
 _SCOPES = ("row", "tensor")
+# Triton >= 3.7-ish has `tl.histogram(..., mask=)`; older versions need the bin-0 trick.
+_HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters)
 _MAX_SINGLE = 32768  # longest row held in registers in one block
 _CHUNK = 4096  # block for rows longer than that (re-read each round, L2-resident)
 _TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
@@ -108,7 +112,7 @@ def wanda_prune_reference_(
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@device_fn
 def _ordered_key(x, SHIFT: tl.constexpr):
     """fp32 -> int32 whose signed order is the float order (NaN on top, -0 == +0)."""
     x = tl.where(x == 0.0, 0.0, x)
@@ -120,7 +124,7 @@ def _ordered_key(x, SHIFT: tl.constexpr):
     return key
 
 
-@triton.jit
+@device_fn
 def _load_keys(X, S, offs, scol, valid, MODE: tl.constexpr, SHIFT: tl.constexpr):
     """Keys of the elements at X + offs: the scores themselves (MODE 0) or the
     Wanda score |X| * sqrt(S[scol]) computed on the fly (MODE 1)."""
@@ -131,7 +135,7 @@ def _load_keys(X, S, offs, scol, valid, MODE: tl.constexpr, SHIFT: tl.constexpr)
     return _ordered_key(x, SHIFT)
 
 
-@triton.jit
+@device_fn
 def _digit(key, r: tl.constexpr, ROUNDS: tl.constexpr):
     """8-bit digit r (0 = most significant) of a key with 8*ROUNDS significant bits."""
     shift: tl.constexpr = 8 * (ROUNDS - 1 - r)
@@ -142,7 +146,7 @@ def _digit(key, r: tl.constexpr, ROUNDS: tl.constexpr):
     return d
 
 
-@triton.jit
+@device_fn
 def _in_prefix(key, prefix, r: tl.constexpr, ROUNDS: tl.constexpr):
     """Whether the top r digits of key equal prefix (always true for r == 0)."""
     if r == 0:
@@ -153,26 +157,36 @@ def _in_prefix(key, prefix, r: tl.constexpr, ROUNDS: tl.constexpr):
     return res
 
 
-@triton.jit
+@device_fn
 def _masked_hist(digit, include, BLOCK: tl.constexpr):
     """256-bin histogram of digit over the included lanes only.
 
-    Portable across Triton versions without `mask=`: excluded lanes go to bin 0 and
-    their number is subtracted from bin 0 afterwards.
+    `tl.histogram` counts masked-out lanes unless given `mask=`, which older Tritons
+    lack: there, excluded lanes go to bin 0 and their number is subtracted from bin 0.
+    """
+    if _HIST_HAS_MASK:
+        h = tl.histogram(digit, 256, mask=include)
+    else:
+        bins = tl.arange(0, 256)
+        h = tl.histogram(tl.where(include, digit, 0), 256)
+        n_out = BLOCK - tl.sum(include.to(tl.int32), 0)
+        h = h - tl.where(bins == 0, n_out, 0)
+    return h
+
+
+@device_fn
+def _pick_bin(hist, remaining):
+    """Bin b holding the remaining-th smallest element, and how many lie in bins < b.
+
+    One max-reduction over (cumulative count, bin) packed in int64: the last bin whose
+    inclusive cumulative count is below `remaining` is b - 1 (counts never decrease).
     """
     bins = tl.arange(0, 256)
-    h = tl.histogram(tl.where(include, digit, 0), 256)
-    n_out = BLOCK - tl.sum(include.to(tl.int32), 0)
-    return h - tl.where(bins == 0, n_out, 0)
-
-
-@triton.jit
-def _pick_bin(hist, remaining):
-    """Bin holding the remaining-th smallest element, and how many lie in lower bins."""
-    bins = tl.arange(0, 256)
     cum = tl.cumsum(hist, 0)
-    b = tl.sum((cum < remaining).to(tl.int32), 0)
-    below = tl.sum(tl.where(bins < b, hist, 0), 0)
+    packed = tl.where(cum < remaining, cum.to(tl.int64) * 512 + bins + 1, 0)
+    top = tl.max(packed, 0)
+    b = (top & 511).to(tl.int32)
+    below = (top >> 9).to(tl.int32)
     return b, below
 
 
@@ -348,7 +362,9 @@ def _tensor_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None
         raise ValueError("per-tensor top-k supports fewer than 2^31 elements (int32 histogram counts)")
     n_cols = X.shape[-1] if X.dim() > 0 else 1
     rounds, shift = _key_format(X.dtype if mode == 0 else torch.float32)
-    block = int(block or _TENSOR_BLOCK)
+    if block is None:  # the interpreter runs few large programs fastest
+        block = _TENSOR_BLOCK if X.is_cuda else 1 << 16
+    block = int(block)
     dev = X.device
     hist = torch.zeros((rounds, 256), dtype=torch.int32, device=dev)
     state = torch.tensor([0, j], dtype=torch.int32, device=dev)

@@ -23,10 +23,19 @@ def _check(W: torch.Tensor, sq_norms: torch.Tensor) -> None:
         raise ValueError(f"sq_norms must have shape [{W.shape[1]}] (d_in), got {tuple(sq_norms.shape)}")
 
 
+def _sqrt_rn(s: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt (via fp64; double rounding is innocuous for sqrt).
+
+    torch's CPU fp32 sqrt is not always correctly rounded; CUDA's and Triton's
+    `sqrt_rn` are, so this keeps the reference bit-identical to the kernel.
+    """
+    return torch.sqrt(s.float().double()).float()
+
+
 def wanda_score_reference(W: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """fp32 |W| * sqrt(sq_norms) broadcast over rows; the source of truth."""
     _check(W, sq_norms)
-    return W.float().abs() * torch.sqrt(sq_norms.float()).reshape(1, -1)
+    return W.float().abs() * _sqrt_rn(sq_norms).reshape(1, -1)
 
 
 @triton.jit
