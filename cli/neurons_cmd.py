@@ -34,14 +34,19 @@ def neurons_group() -> None:
 @click.option("--samples", "n_samples", type=int, default=DEFAULT_SAMPLES, show_default=True,
               help="First N pairs of each file.")
 @click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True)
+@click.option("--layers-per-pass", type=int, default=0, show_default=True,
+              help="SNIP: gradients for this many decoder layers per pass (0: all at once; 1: the reference's "
+                   "layer-by-layer loop, least memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Mask .safetensors file.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sparsity report as JSON on stdout.")
 def find_command(model: str, safety: str, utility: str, p: float, q: float, score: str, targets: str | None,
-                 n_samples: int, max_length: int, out: str, force: bool, as_json: bool) -> None:
+                 n_samples: int, max_length: int, layers_per_pass: int, out: str, force: bool,
+                 as_json: bool) -> None:
     """Mask of MODEL's safety-critical weights: per tensor, top-q safety minus top-p utility importance."""
     report = find_neurons(model, safety, utility, out, p=p, q=q, score=score, targets=_targets(targets),
-                          n_samples=n_samples, max_length=max_length, force=force)
+                          n_samples=n_samples, max_length=max_length, layers_per_pass=layers_per_pass or None,
+                          force=force)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
         return

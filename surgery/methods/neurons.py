@@ -23,6 +23,7 @@ with provenance and a per-tensor sparsity report in its metadata.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,24 @@ def snip_grad_sums(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
     return sums
 
 
+def layer_groups(modules: dict[str, torch.nn.Linear], layers_per_pass: int | None
+                 ) -> list[dict[str, torch.nn.Linear]]:
+    """Split modules by decoder-layer index (the first `.<int>.` in the name) into groups of
+    `layers_per_pass` layers; None or 0 gives one group of everything."""
+    if not layers_per_pass:
+        return [modules]
+    index: dict[str, int] = {}
+    for n in modules:
+        found = re.search(r"\.(\d+)\.", n)
+        index[n] = int(found.group(1)) if found else -1
+    layers = sorted(set(index.values()))
+    groups = []
+    for i in range(0, len(layers), layers_per_pass):
+        chosen = set(layers[i:i + layers_per_pass])
+        groups.append({n: m for n, m in modules.items() if index[n] in chosen})
+    return groups
+
+
 def importance(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], samples: Sequence[Any],
                score: str, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """fp32 importance of every weight of `modules` on `samples` (Wanda or SNIP), keyed by module name."""
@@ -228,12 +247,15 @@ def find_neurons(
     n_samples: int | None = DEFAULT_SAMPLES,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_size: int = 8,
+    layers_per_pass: int | None = None,
     force: bool = False,
 ) -> NeuronsReport:
     """Find the safety-critical weights of `model_dir` and write their mask to `out` (one safetensors file).
 
     `q`: top fraction of safety importance kept per tensor; `p`: top fraction of utility
     importance removed from it (Wei et al.'s S(q) minus U(p)). Returns the sparsity report.
+    SNIP with `layers_per_pass=k`: gradients and scores for k decoder layers at a time (the
+    reference's layer-by-layer loop; same result, memory for k layers' gradients, more passes).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -246,9 +268,14 @@ def find_neurons(
     utility_samples = tokenize_file(tok, utility, n_samples, max_length)
     modules = target_linears(model, targets)
     keys = {n: _checkpoint_key(f"{n}.weight", ckpt) for n in modules}
-    s_scores = importance(model, modules, safety_samples, score, batch_size)
-    u_scores = importance(model, modules, utility_samples, score, batch_size)
-    masks = mask_from_scores(s_scores, u_scores, p, q)
+    if layers_per_pass is not None and layers_per_pass < 0:
+        raise SurgeryError(f"--layers-per-pass must be >= 0, got {layers_per_pass}")
+    masks: dict[str, torch.Tensor] = {}
+    for group in layer_groups(modules, layers_per_pass if score == "snip" else None):
+        s_scores = importance(model, group, safety_samples, score, batch_size)
+        u_scores = importance(model, group, utility_samples, score, batch_size)
+        masks.update(mask_from_scores(s_scores, u_scores, p, q))
+        del s_scores, u_scores
     report = NeuronsReport(out=str(out), score=score, p=p, q=q)
     tensors: dict[str, torch.Tensor] = {}
     for n in modules:
@@ -256,7 +283,8 @@ def find_neurons(
         tensors[keys[n]] = m
         report.tensors.append(TensorSparsity(keys[n], m.numel(), int(m.sum())))
     params = {"score": score, "p": p, "q": q, "targets": sorted({k.rsplit(".", 1)[-1] for k in modules}),
-              "n_samples": n_samples, "max_length": max_length, "response_tokens_only": True}
+              "n_samples": n_samples, "max_length": max_length, "response_tokens_only": True,
+              "layers_per_pass": layers_per_pass if score == "snip" else None}
     meta = provenance("neurons", params, {"model": ckpt, "safety": Path(safety), "utility": Path(utility)})
     meta["surgery.kind"] = "mask"
     meta["surgery.report"] = json.dumps({"selected": report.selected, "numel": report.numel,

@@ -246,3 +246,22 @@ def test_model_without_tokenizer_is_a_user_error(setup, tmp_path: Path) -> None:
     with pytest.raises(SurgeryError, match="tokenizer"):
         find_neurons(bare, setup["safety"], setup["utility"], tmp_path / "m.safetensors", p=0.1, q=0.2)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_snip_layer_by_layer_equals_whole_model(setup, tmp_path: Path) -> None:
+    from surgery.methods.neurons import layer_groups, target_linears
+
+    kw = dict(p=0.1, q=0.2, score="snip", targets=["q_proj", "down_proj"])
+    find_neurons(setup["model"], setup["safety"], setup["utility"], tmp_path / "all.safetensors", **kw)
+    find_neurons(setup["model"], setup["safety"], setup["utility"], tmp_path / "one.safetensors",
+                 layers_per_pass=1, **kw)
+    a, b = load_file(str(tmp_path / "all.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert int((a[k] != b[k]).sum()) <= 1, k  # same gradients; at most a float tie at the boundary
+    from transformers import AutoModelForCausalLM
+
+    mods = target_linears(AutoModelForCausalLM.from_pretrained(setup["model"]), ["q_proj", "down_proj"])
+    groups = layer_groups(mods, 1)
+    assert [sorted(g) for g in groups] == [["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
+                                           ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]]
