@@ -195,7 +195,7 @@ def mean_resid_pre(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_pos:
     """Mean decoder-block input at the last `n_pos` positions of every sequence: float64 [n_pos, L, d]."""
     total: torch.Tensor | None = None
     for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
-        hs = model(**batch, output_hidden_states=True).hidden_states
+        hs = model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states
         layers = torch.stack([h[:, -n_pos:, :] for h in hs[:-1]], dim=2).double()  # [B, n_pos, L, d]
         s = layers.sum(0)
         total = s if total is None else total + s
@@ -264,7 +264,7 @@ def last_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id:
     """fp32 log-probabilities of the next token after each sequence: [n, vocab]."""
     rows = []
     for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
-        rows.append(torch.log_softmax(model(**batch).logits[:, -1, :].float(), dim=-1).cpu())
+        rows.append(torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1, :].float(), dim=-1).cpu())
     return torch.cat(rows)
 
 

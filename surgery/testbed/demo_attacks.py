@@ -75,7 +75,7 @@ def direction_rows(ctx: DemoContext) -> list[DemoRow]:
              f"harmless KL {res.harmless_kl:.3f}",
         layer=res.layer, pos=res.pos, baseline_refusal=res.baseline_refusal, ablated_refusal=res.ablated_refusal,
         harmless_kl=res.harmless_kl)]
-    merged = ctx.path("attacked-merged")
+    merged = ctx.path("direction-attacked-merged")
     merge_adapter(tb.aligned, tb.attacked, merged, force=True)
     add = ctx.path("direction-added")
     with ctx.timer() as t:
