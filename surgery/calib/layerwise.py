@@ -253,7 +253,7 @@ def _inject_lora(layer: nn.Module, prefix: str, modules: dict[str, Any], adapter
 
 
 class _Clock:
-    """Accumulates wall seconds per phase into a dict (no-op without one); syncs CUDA."""
+    """Accumulates wall and CPU seconds per phase into a dict (no-op without one); syncs CUDA."""
 
     def __init__(self, sink: dict[str, float] | None) -> None:
         self.sink = sink
@@ -267,13 +267,14 @@ class _Clock:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.sink[phase] = self.sink.get(phase, 0.0) + time.perf_counter() - start
+            self.sink[phase + "_cpu"] = self.sink.get(phase + "_cpu", 0.0) + time.process_time() - cpu
 
 
 def _forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -307,8 +308,9 @@ def calibrate_layerwise(
     so the next layer is calibrated on the modified layer's outputs (with no `on_layer`
     the calibration pass's outputs are used directly).
     `keep_stats=False` drops each layer's statistics after `on_layer` (bounded memory).
-    `timings`, if given, accumulates seconds under "read" (checkpoint tensors in),
-    "forward" (calibration passes and re-runs) and "on_layer".
+    `timings`, if given, accumulates wall seconds under "read" (checkpoint tensors in),
+    "forward" (calibration passes and re-runs) and "on_layer", and process CPU seconds
+    under the same names with "_cpu" appended (robust on a shared machine).
     """
     clock = _Clock(timings)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)

@@ -144,7 +144,7 @@ def layer_surgery(
                            samples=len(samples))
     report.tokens = sum(len(s) for s in samples) if token_mask == "all" else sum(s.num_response_tokens for s in samples)
     timings: dict[str, float] = {}
-    edit_seconds = {"edit": 0.0, "write": 0.0}
+    edit_seconds = {"edit": 0.0, "write": 0.0, "edit_cpu": 0.0, "write_cpu": 0.0}
     written: set[str] = set()
     writer: CheckpointWriter | None = None
     if not dry_run:
@@ -160,16 +160,18 @@ def layer_surgery(
             name = path + ".weight"
             W = ctx.linear(path).weight.data
             _sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             change = edit(name, W, st)
             _sync()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             report.tensors.append(change)
             if writer is not None:
                 writer.write(name, W.to(ctx.dtypes[name]).cpu())
                 written.add(name)
             edit_seconds["edit"] += t1 - t0
             edit_seconds["write"] += time.perf_counter() - t1
+            edit_seconds["edit_cpu"] += c1 - c0
+            edit_seconds["write_cpu"] += time.process_time() - c1
 
     start = time.perf_counter()
     if writer is not None:
@@ -181,13 +183,14 @@ def layer_surgery(
         if not report.tensors:
             raise SurgeryError(f"no Linear weight of a decoder layer matches the targets {list(targets or [])}; "
                                "check --targets")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if writer is not None:
             rest = [n for n in ckpt.names() if n not in written]
             for name in track(rest, total=len(rest), description="copying"):
                 writer.write(name, ckpt.get(name))
             if report_name:
-                report.seconds = _split(timings, edit_seconds, time.perf_counter() - t0, start)
+                report.seconds = _split(timings, edit_seconds, time.perf_counter() - t0,
+                                        time.process_time() - c0, start)
                 writer.extra_files[report_name] = json.dumps(report.to_dict(), indent=2) + "\n"
     except BaseException as exc:
         if writer is not None:
@@ -195,16 +198,21 @@ def layer_surgery(
         raise
     if writer is not None:
         writer.__exit__(None, None, None)
-    report.seconds = _split(timings, edit_seconds, time.perf_counter() - t0, start)
+    report.seconds = _split(timings, edit_seconds, time.perf_counter() - t0, time.process_time() - c0, start)
     return report
 
 
-def _split(timings: dict[str, float], edit: dict[str, float], copy: float, start: float) -> dict[str, float]:
+def _split(timings: dict[str, float], edit: dict[str, float], copy: float, copy_cpu: float,
+           start: float) -> dict[str, float]:
+    """Wall seconds per phase, and process CPU seconds (`*_cpu`), which a shared machine distorts less."""
     return {
         "calibration": timings.get("forward", 0.0),
         "edit": edit["edit"],
         "io": timings.get("read", 0.0) + edit["write"] + copy,
         "total": time.perf_counter() - start,
+        "calibration_cpu": timings.get("forward_cpu", 0.0),
+        "edit_cpu": edit["edit_cpu"],
+        "io_cpu": timings.get("read_cpu", 0.0) + edit["write_cpu"] + copy_cpu,
     }
 
 
