@@ -73,6 +73,11 @@ class SafeLoraReport:
         return d
 
 
+def _report_json(d: dict[str, Any]) -> str:
+    """The report as written beside the weights: without wall time or output path, so equal inputs give equal bytes."""
+    return json.dumps({k: v for k, v in d.items() if k not in ("seconds", "out")}, indent=2, sort_keys=True) + "\n"
+
+
 def select_modules(cosines: list[float], num_layers: int | None = DEFAULT_NUM_LAYERS,
                    threshold: float | None = None) -> list[bool]:
     """Which modules to project.
@@ -179,7 +184,7 @@ def safelora(
     report.seconds = time.perf_counter() - started
     extra = {
         CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
-        REPORT_NAME: json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n",
+        REPORT_NAME: _report_json(report.to_dict()),
     }
     with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force,
                           weights_name=WEIGHTS_NAME, extra_files=extra) as writer:

@@ -67,6 +67,11 @@ REPORT_NAME = "salora_report.json"
 # --------------------------------------------------------------------------- the subspace
 
 
+def _report_json(d: dict[str, Any]) -> str:
+    """The report as written beside the weights: without wall time or output path, so equal inputs give equal bytes."""
+    return json.dumps({k: v for k, v in d.items() if k not in ("seconds", "out")}, indent=2, sort_keys=True) + "\n"
+
+
 def top_eigenvectors(G: torch.Tensor, rank: int, solver: str = "auto", niter: int = DEFAULT_NITER,
                      seed: int = 0, oversample: int = DEFAULT_OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` eigenpairs of a symmetric PSD matrix G [d, d]: (U [d, rank] fp32, eigenvalues fp64, descending).
@@ -286,7 +291,7 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
     specs = [TensorSpec.like(n, lora.info(n)) for n in names]
     report.seconds = time.perf_counter() - started
     extra = {CONFIG_NAME: json.dumps(dict(lora.config), indent=2, sort_keys=True) + "\n",
-             REPORT_NAME: json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"}
+             REPORT_NAME: _report_json(report.to_dict())}
     with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force,
                           weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
         for n in names:

@@ -172,3 +172,13 @@ def test_conv1d_layout_gpt2(tmp_path: Path) -> None:
         if m.projected:
             torch.testing.assert_close(got[f"{PREFIX}{m.module}.lora_B.weight"].double(), P @ B, atol=1e-5, rtol=1e-4)
     assert len(report.projected) == 1
+
+
+def test_same_inputs_same_bytes(trio, tmp_path: Path) -> None:
+    base, aligned, adapter = trio
+    safelora(adapter, base, aligned, tmp_path / "a", num_layers=3)
+    safelora(adapter, base, aligned, tmp_path / "b", num_layers=3)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
