@@ -168,8 +168,9 @@ def merge_adapter(
     check_output(out, force)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base, allow_pickle=allow_pickle)
     lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter, allow_pickle=allow_pickle)
-    if out.resolve() in {p.resolve() for p in [*(ckpt.files), *( [ckpt.directory] if ckpt.directory else [])]}:
-        raise SurgeryError(f"output {out} is the base checkpoint itself; choose another output path")
+    inputs = [*ckpt.files, lora.directory, *([ckpt.directory] if ckpt.directory else [])]
+    if out.resolve() in {p.resolve() for p in inputs}:
+        raise SurgeryError(f"output {out} is one of the inputs, which are never modified; choose another path")
 
     modules, replacements = lora.match(ckpt)
     if not modules and not replacements:
@@ -196,6 +197,39 @@ def merge_adapter(
     report = MergeReport(out=str(out), mode=mode, tensors=len(specs))
     sign = -1.0 if unmerge else 1.0
 
+    threads = torch.get_num_threads()
+    # The merge is memory-bound on small blocks: one thread avoids OpenMP's fork/join and
+    # spin-waits, which cost 2-15x on a loaded machine (benchmarks/pipeline_merge.py).
+    torch.set_num_threads(1)
+    try:
+        _stream(ckpt, lora, out, specs, modules, replacements, bias_of, report, sign, mode, metadata,
+                shard_size=shard_size, force=force, unmerge=unmerge, allow_nonfinite=allow_nonfinite)
+    finally:
+        torch.set_num_threads(threads)
+    report.total_bytes = sum(s.nbytes for s in specs)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _stream(
+    ckpt: Checkpoint,
+    lora: LoraAdapter,
+    out: Path,
+    specs: list[TensorSpec],
+    modules: dict[str, LoraModule],
+    replacements: dict[str, str],
+    bias_of: dict[str, LoraModule],
+    report: MergeReport,
+    sign: float,
+    mode: str,
+    metadata: dict[str, str],
+    *,
+    shard_size: int,
+    force: bool,
+    unmerge: bool,
+    allow_nonfinite: bool,
+) -> None:
+    """The write loop of `merge_adapter`: every base tensor once, in storage order."""
     with CheckpointWriter(
         out,
         specs,
@@ -254,7 +288,4 @@ def merge_adapter(
                 report.nonfinite.append(name)
             writer.write(name, result)
             del result
-    report.total_bytes = sum(s.nbytes for s in specs)
     report.shards = list(writer.shards)
-    report.seconds = time.perf_counter() - started
-    return report

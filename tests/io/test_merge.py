@@ -224,3 +224,11 @@ def test_nan_in_adapter_is_refused(built, tmp_path):
     with pytest.raises(NonFiniteError, match=r"model.layers.1.mlp.down_proj.weight"):
         merge_adapter(base, tmp_path / "nan", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_output_may_not_be_an_input(built, tmp_path):
+    base, adapter = _adapter(built, "llama")
+    for target in (base, adapter):
+        with pytest.raises(SurgeryError, match="never modified"):
+            merge_adapter(base, adapter, target, force=True)
+    assert Checkpoint.open(base).names()
