@@ -160,7 +160,12 @@ class ModelSkeleton:
         n = len(layers)
         model.layers = nn.ModuleList([_Recorder(i, i == n - 1, self.sink) for i in range(n)])
         self.model = model
-        self._load(model, self.prefix, ckpt, device, dtype)
+        # A plain embedding lookup is exact in any dtype: keep its table in the checkpoint's dtype
+        # (for a large vocabulary it outweighs a decoder layer in fp32) and cast what it returns.
+        keep = {"embed_tokens.weight"} if type(model.embed_tokens) is nn.Embedding else set()
+        self._load(model, self.prefix, ckpt, device, dtype, keep=keep)
+        if keep:
+            model.embed_tokens.register_forward_hook(lambda mod, args, out: out.to(dtype))
         model.eval()
 
     @staticmethod
@@ -172,7 +177,7 @@ class ModelSkeleton:
 
     @staticmethod
     def _load(module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-              dtypes: dict[str, torch.dtype] | None = None) -> None:
+              dtypes: dict[str, torch.dtype] | None = None, keep: set[str] | None = None) -> None:
         """Assign the module's parameters and persistent buffers from the checkpoint, cast to `dtype`."""
         state: dict[str, torch.Tensor] = {}
         missing: list[str] = []
@@ -186,7 +191,8 @@ class ModelSkeleton:
                 raise MismatchError(f"{name}: checkpoint shape {list(t.shape)}, config expects {list(value.shape)}")
             if dtypes is not None:
                 dtypes[name] = t.dtype
-            state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            cast = t.is_floating_point() and not (keep and key in keep)
+            state[key] = t.to(device=device, dtype=dtype if cast else t.dtype)
         if missing:
             raise MismatchError(f"the checkpoint lacks {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                                 + "; does config.json match the weights?")

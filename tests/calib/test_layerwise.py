@@ -76,3 +76,12 @@ def test_on_layer_modification_propagates(tmp_path):
         if k.startswith("model.layers.1."):
             torch.testing.assert_close(lw[k].sq_norms, whole[k].sq_norms, rtol=1e-6, atol=1e-6)
     assert lw["model.layers.0.mlp.down_proj"].sq_norms.sum() > 0
+
+
+def test_bf16_checkpoint_computes_in_fp32(tmp_path):
+    """A bf16 checkpoint is calibrated in fp32 (embedding table kept in bf16: the lookup is exact)."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    _assert_same(collect_linear_stats(model, _samples()), calibrate_layerwise(base, _samples()))
