@@ -44,9 +44,10 @@ def safelora_command(adapter: str, base: str, aligned: str, out: str, num_layers
     table = Table(title=f"Safe LoRA ({report.mode}{', exact' if exact else ''})")
     table.add_column("module")
     table.add_column("cosine", justify="right")
+    table.add_column("‖PΔW‖/‖ΔW‖", justify="right")
     table.add_column("projected")
     for m in report.modules:
-        table.add_row(m.module, f"{m.cosine:.5f}", "yes" if m.projected else "")
+        table.add_row(m.module, f"{m.cosine:.5f}", f"{m.norm_ratio:.3f}", "yes" if m.projected else "")
     console = Console()
     console.print(table)
     console.print(f"projected {len(report.projected)} of {len(report.modules)} modules into "

@@ -48,6 +48,7 @@ class ModuleResult:
     weight: str
     cosine: float
     projected: bool = False
+    norm_ratio: float = 1.0  # ||P·ΔW||_F / ||ΔW||_F: how much the (non-idempotent) P rescales the update
 
 
 @dataclass
@@ -96,6 +97,14 @@ def select_modules(cosines: list[float], num_layers: int | None = DEFAULT_NUM_LA
     order = sorted(range(len(cosines)), key=lambda i: (cosines[i], i))
     chosen = set(order[:num_layers])
     return [i in chosen for i in range(len(cosines))]
+
+
+def _norm_ratio(B_new: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """||B_new A||_F / ||B A||_F from r x r Gram matrices (never forms a d_out x d_in product)."""
+    G = (A @ A.T).double()
+    new = float(torch.sum((B_new.T @ B_new).double() * G))
+    old = float(torch.sum((B.T @ B).double() * G))
+    return math.sqrt(max(new, 0.0) / old) if old > 0 else 0.0
 
 
 def _alignment_matrix(base: Checkpoint, aligned: Checkpoint, key: str, fan_in_fan_out: bool) -> torch.Tensor:
@@ -161,12 +170,12 @@ def safelora(
     for key, m in track(sorted(bound.items(), key=lambda kv: kv[1].module_path), description="safelora"):
         V = _alignment_matrix(base_ckpt, aligned_ckpt, key, m.fan_in_fan_out)
         B_stored = lora.get(m.b_key)
-        b_new, cos = safelora_project(V, lora.lora_B(m), lora.lora_A(m), exact=exact)
+        B, A = lora.lora_B(m), lora.lora_A(m)
+        b_new, cos = safelora_project(V, B, A, exact=exact)
         del V
-        if not math.isfinite(cos):
-            cos = float("nan")
         new_b[m.b_key] = b_new.to(B_stored.dtype)
-        results.append(ModuleResult(module=m.module_path, weight=key, cosine=cos))
+        results.append(ModuleResult(module=m.module_path, weight=key, cosine=cos,
+                                    norm_ratio=_norm_ratio(b_new.float(), B, A)))
 
     chosen = select_modules([r.cosine for r in results], num_layers, threshold)
     for r, c in zip(results, chosen):

@@ -58,7 +58,7 @@ def dense_reference(base: Path, aligned: Path, adapter: Path, exact: bool) -> di
         new = P @ B @ A
         old = B @ A
         cos = float((new * old).sum() / (new.norm() * old.norm()))
-        out[module] = (cos, P @ B)
+        out[module] = (cos, P @ B, float(new.norm() / old.norm()))
     return out
 
 
@@ -69,8 +69,10 @@ def test_number_mode_matches_dense_reference(trio, tmp_path: Path, exact: bool) 
     report = safelora(adapter, base, aligned, tmp_path / "out", num_layers=3, exact=exact)
     cos = {m.module: m.cosine for m in report.modules}
     assert set(cos) == set(ref)
-    for module, (c, _) in ref.items():
+    ratio = {m.module: m.norm_ratio for m in report.modules}
+    for module, (c, _, nr) in ref.items():
         assert cos[module] == pytest.approx(c, abs=1e-5)
+        assert ratio[module] == pytest.approx(nr, rel=1e-4)
     lowest = sorted(ref, key=lambda m: ref[m][0])[:3]
     assert sorted(report.projected) == sorted(lowest)
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
@@ -89,7 +91,7 @@ def test_number_mode_matches_dense_reference(trio, tmp_path: Path, exact: bool) 
 def test_threshold_mode_and_report(trio, tmp_path: Path) -> None:
     base, aligned, adapter = trio
     ref = dense_reference(base, aligned, adapter, exact=False)
-    cosines = sorted(c for c, _ in ref.values())
+    cosines = sorted(c for c, _, _ in ref.values())
     tau = (cosines[2] + cosines[3]) / 2  # exactly the three lowest fall below
     report = safelora(adapter, base, aligned, tmp_path / "out", threshold=tau)
     assert sorted(report.projected) == sorted(m for m in ref if ref[m][0] <= tau)
