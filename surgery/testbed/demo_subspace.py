@@ -58,7 +58,8 @@ def safelora_rows(ctx: DemoContext) -> list[DemoRow]:
         rows.append(DemoRow.from_eval(
             "attacked + SafeLoRA", f"safelora {label}", res, seconds=t["seconds"],
             note=f"projected {len(rep.projected)}/{len(rep.modules)} modules",
-            cosines={m.module: round(m.cosine, 5) for m in rep.modules}, projected=rep.projected))
+            cosines={m.module: round(m.cosine, 5) for m in rep.modules},
+            norm_ratios={m.module: round(m.norm_ratio, 4) for m in rep.modules}, projected=rep.projected))
     return rows
 
 
