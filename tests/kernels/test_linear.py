@@ -106,13 +106,21 @@ def test_salora_project_forward_backward(dims, dtype, gen, helpers):
 
 
 def test_salora_project_grad_u_and_batched(gen, helpers):
-    U0 = orthonormal(24, 3, gen, "cpu").double()
-    X = torch.randn(2, 5, 24, generator=gen, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x, u: salora_project(x, u).double(), (X.requires_grad_(), U0.requires_grad_()))
-    Xd = helpers.rand((2, 5, 24), torch.float32, gen)
-    Ud = U0.float().to(helpers.device)
-    got = salora_project(Xd, Ud)
-    helpers.assert_close("batched", salora_project_reference(Xd.cpu(), Ud.cpu()), got, 1e-5)
+    """Batched activations, and the gradient of U against fp64 autograd of X - X U U^T."""
+    U0 = orthonormal(24, 3, gen, helpers.device)
+    X = helpers.rand((2, 5, 24), torch.float32, gen)
+    G = helpers.rand((2, 5, 24), torch.float32, gen)
+    U = U0.clone().requires_grad_(True)
+    Xg = X.clone().requires_grad_(True)
+    Y = salora_project(Xg, U)
+    Y.backward(G)
+    Ud = U0.cpu().double().requires_grad_(True)
+    Xd = X.cpu().double().requires_grad_(True)
+    Yd = Xd - (Xd @ Ud) @ Ud.T
+    Yd.backward(G.cpu().double())
+    helpers.assert_close("Y", Yd.detach(), Y.detach(), 1e-5)
+    helpers.assert_close("dX", Xd.grad, Xg.grad, 1e-5)
+    helpers.assert_close("dU", Ud.grad, U.grad, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
