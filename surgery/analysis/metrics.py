@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 EXACT_LIMIT = 1024  # exact SVD when min(m, n) is at most this
-BLOCK_ELEMENTS = 1 << 22  # entries per row block in blockwise passes (16 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 20  # entries per row block in blockwise passes (4 MiB in fp32)
 SPECTRUM_K = 32  # singular values a randomized SVD computes (at least top and rank)
+_F64_BLOCK = 1 << 20  # entries per block of fp64 reductions (8 MiB)
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,25 @@ def row_blocks(m: int, n: int, max_elements: int = BLOCK_ELEMENTS) -> Iterator[s
 
 
 # ------------------------------------------------------------------ norms and inner products
+def sum_sq(x: torch.Tensor) -> float:
+    """Σ x², accumulated in fp64 one row block at a time (no full-size temporary)."""
+    m = as_matrix(x)
+    return sum(float(torch.linalg.vector_norm(m[rows].double()) ** 2) for rows in row_blocks(*m.shape, _F64_BLOCK))
+
+
+def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Σ x ⊙ y, accumulated in fp64 one row block at a time (no full-size temporary)."""
+    a, b = as_matrix(x), as_matrix(y)
+    return sum(float((a[rows].double() * b[rows].double()).sum()) for rows in row_blocks(*a.shape, _F64_BLOCK))
+
+
 def frob_sq(delta: Delta) -> float:
     """‖ΔW‖_F², from two r×r Gram matrices for a LowRank delta."""
     if isinstance(delta, LowRank):
         left = delta.left.double()
         right = delta.right.double()
         return float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0.0))
-    return float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    return sum_sq(delta)
 
 
 def inner(x: torch.Tensor, delta: Delta) -> float:
@@ -136,7 +150,7 @@ def inner(x: torch.Tensor, delta: Delta) -> float:
     if isinstance(delta, LowRank):
         lx = delta.left.to(torch.float32).T @ x.to(torch.float32)  # [r, n]
         return float((lx.double() * delta.right.double()).sum())
-    return float(torch.sum(x.double() * delta.double()))
+    return dot(x, delta)
 
 
 def blockwise_entry_stats(delta: Delta, atol: float = 0.0) -> tuple[float, float]:
@@ -156,17 +170,31 @@ def blockwise_entry_stats(delta: Delta, atol: float = 0.0) -> tuple[float, float
         for rows in row_blocks(m, n):
             block = (left[rows] @ right).abs_()
             mx = max(mx, float(block.max()))
-            count += int((block > atol).sum())
+            count += int(torch.count_nonzero(block > atol))
     else:
         d = as_matrix(delta)
         for rows in row_blocks(m, n):
             block = d[rows].abs()
             mx = max(mx, float(block.max()))
-            count += int((block > atol).sum())
+            count += int(torch.count_nonzero(block > atol))
     return mx, count / (m * n)
 
 
 # ------------------------------------------------------------------------------ spectra
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run thin QRs and small SVDs on one thread: they gain nothing from more, and on a loaded
+    machine OpenMP's waiting makes a 1536×42 QR take 0.5 s on two threads instead of 1 ms on one."""
+    old = torch.get_num_threads()
+    if old > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if old > 1:
+            torch.set_num_threads(old)
+
+
 def _tolerance(values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:
     """Singular values at or below this are numerical zeros (numpy's matrix_rank rule)."""
     if values.numel() == 0:
@@ -187,12 +215,19 @@ def randomized_svd(
     width = min(m, n, k + oversample)
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=torch.float32)
-    q, _ = torch.linalg.qr(x @ omega)
+    y = x @ omega
+    with single_thread():
+        q, _ = torch.linalg.qr(y)
     for _ in range(power_iters):
-        z, _ = torch.linalg.qr(x.T @ q)
-        q, _ = torch.linalg.qr(x @ z)
+        y = x.T @ q
+        with single_thread():
+            z, _ = torch.linalg.qr(y)
+        y = x @ z
+        with single_thread():
+            q, _ = torch.linalg.qr(y)
     small = q.T @ x  # [width, n]
-    u, s, _ = torch.linalg.svd(small, full_matrices=False)
+    with single_thread():
+        u, s, _ = torch.linalg.svd(small, full_matrices=False)
     k = min(k, width)
     return q @ u[:, :k], s[:k]
 
@@ -207,9 +242,10 @@ def spectrum(
     with max(k, SPECTRUM_K) values. Values below the numerical-rank tolerance are dropped.
     """
     if isinstance(delta, LowRank):
-        ql, rl = torch.linalg.qr(delta.left.double())
-        qr_, rr = torch.linalg.qr(delta.right.double().T)
-        u, s, _ = torch.linalg.svd(rl @ rr.T)
+        with single_thread():
+            ql, rl = torch.linalg.qr(delta.left.double())
+            _, rr = torch.linalg.qr(delta.right.double().T)
+            u, s, _ = torch.linalg.svd(rl @ rr.T)
         tol = _tolerance(s, delta.shape, torch.float32)
         keep = int((s > tol).sum())
         return Spectrum(s[:keep].float(), (ql @ u[:, :keep]).float()[:, :k], True, "lowrank", keep)
@@ -258,8 +294,9 @@ def principal_angles(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     k = b.shape[1]
     if k == 0:
         return torch.zeros(0, dtype=torch.float64)
-    cos = torch.linalg.svdvals(a.T @ b).clamp(max=1.0)  # descending -> angles ascending
-    sin = torch.linalg.svdvals(b - a @ (a.T @ b)).clamp(max=1.0).flip(0)  # ascending
+    with single_thread():
+        cos = torch.linalg.svdvals(a.T @ b).clamp(max=1.0)  # descending -> angles ascending
+        sin = torch.linalg.svdvals(b - a @ (a.T @ b)).clamp(max=1.0).flip(0)  # ascending
     small = cos * cos >= 0.5
     return torch.where(small, torch.arcsin(sin), torch.arccos(cos))
 
@@ -274,7 +311,7 @@ def energy_share(u: torch.Tensor, delta: Delta) -> float | None:
         right = delta.right.double()
         inside = float(((x.T @ x) * (right @ right.T)).sum())
     else:
-        inside = float(torch.linalg.vector_norm(u.T.to(torch.float32) @ as_matrix(delta), dtype=torch.float64) ** 2)
+        inside = sum_sq(u.T.to(torch.float32) @ as_matrix(delta))
     return min(1.0, max(0.0, inside / total))
 
 
@@ -285,7 +322,7 @@ def _safe_div(a: float, b: float) -> float | None:
 # ------------------------------------------------------------------------------ all together
 def unchanged_metrics(w: torch.Tensor) -> DeltaMetrics:
     """The metrics of ΔW = 0 without touching a zero tensor (tensors an adapter leaves alone)."""
-    norm_w = float(torch.linalg.vector_norm(w.to(torch.float32), dtype=torch.float64))
+    norm_w = math.sqrt(sum_sq(w))
     is_matrix = w.ndim >= 2 and min(as_matrix(w).shape) > 1
     return DeltaMetrics(norm_w=norm_w, norm_delta=0.0, rel_change=0.0, cosine=1.0 if norm_w > 0 else None,
                         max_abs=0.0, changed_share=0.0, numerical_rank=0 if is_matrix else None)
@@ -314,7 +351,7 @@ def delta_metrics(
     wm = as_matrix(w).to(torch.float32)
     lowrank = isinstance(delta, LowRank)
     d: Delta = delta if lowrank else as_matrix(delta).to(torch.float32)
-    norm_w2 = float(torch.linalg.vector_norm(wm, dtype=torch.float64) ** 2)
+    norm_w2 = sum_sq(wm)
     norm_d2 = frob_sq(d)
     wd = inner(wm, d)
     # ‖B‖² and ⟨A, B⟩ from A and ΔW, so B itself is never needed.
@@ -350,7 +387,7 @@ def delta_metrics(
         out.numerical_rank = 0
     if v is not None:
         vm = as_matrix(v).to(torch.float32)
-        norm_v2 = float(torch.linalg.vector_norm(vm, dtype=torch.float64) ** 2)
+        norm_v2 = sum_sq(vm)
         out.norm_v = math.sqrt(norm_v2)
         vd = inner(vm, d)
         out.cosine_v = _safe_div(vd, math.sqrt(norm_v2 * norm_d2)) if norm_v2 > 0 and norm_d2 > 0 else None
