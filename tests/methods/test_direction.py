@@ -144,6 +144,13 @@ def test_gpt2_conv1d_position_embeddings_and_biases(tmp_path: Path) -> None:
     for name in res.edited:
         W = dst.get(name).double()
         assert float((W @ r).abs().max()) < 1e-6, name  # Conv1D [d_in, d_out], embeddings, biases: last dim
+    # addition goes into the existing c_proj bias of the previous block
+    add = refusal_direction_edit(src_dir, tmp_path / "add", mode="add", direction_file=out / "refusal_direction.safetensors",
+                                 progress=False)
+    d = load_direction(out / "refusal_direction.safetensors")
+    assert add.site == "bias" and add.edited == ["transformer.h.0.mlp.c_proj.bias"] and not add.added
+    name = "transformer.h.0.mlp.c_proj.bias"
+    torch.testing.assert_close(Checkpoint.open(tmp_path / "add").get(name), Checkpoint.open(src_dir).get(name) + d.mean_diff)
 
 
 def test_add_puts_mean_difference_into_a_new_mlp_bias(tiny: Path, tmp_path: Path) -> None:
@@ -241,3 +248,18 @@ def test_add_at_layer_zero_goes_through_the_embedding(tiny: Path, tmp_path: Path
     d = load_direction(out / "refusal_direction.safetensors")
     E0, E1 = Checkpoint.open(tiny).get("model.embed_tokens.weight"), Checkpoint.open(out).get("model.embed_tokens.weight")
     torch.testing.assert_close(E1, E0 + 0.5 * d.mean_diff)
+
+
+@pytest.mark.slow
+def test_testbed_ablation_raises_and_addition_lowers_harmful_score(quick_testbed, tmp_path: Path) -> None:
+    """End to end on the quick testbed: the demo's direction rows move HS the way the paper says."""
+    from surgery.testbed.demo_api import DemoContext
+    from surgery.testbed.demo_attacks import direction_rows
+
+    ctx = DemoContext(testbed=quick_testbed, work_dir=tmp_path, quick=True)
+    ablated, added = direction_rows(ctx)
+    aligned = ctx.evaluate(quick_testbed.aligned)
+    attacked = ctx.evaluate(quick_testbed.aligned, adapter=quick_testbed.attacked)
+    assert ablated.harmful_score > aligned.harmful_score + 0.2
+    assert added.harmful_score < attacked.harmful_score - 0.2
+    assert ablated.extra["harmless_kl"] <= 0.1 and ablated.extra["ablated_refusal"] < ablated.extra["baseline_refusal"]
