@@ -182,3 +182,19 @@ def test_zero_delta_and_vectors() -> None:
     assert vec.rel_change == pytest.approx(1 / math.sqrt(6))
     assert vec.cosine == pytest.approx(7 / math.sqrt(6 * 9))  # A = 1, B = (1, 1, 1, 1, 1, 2)
     assert vec.stable_rank is None and vec.singular_values == []
+
+
+def test_factored_delta_is_never_materialised() -> None:
+    """No single allocation while measuring a LoRA ΔW (with V) is as large as the m×n ΔW itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = n = 2048
+    w, v = _rand(m, n, seed=17), _rand(m, n, seed=18)
+    low = _lowrank(m, n, 4, seed=19)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        M.delta_metrics(w, low, v, rank=4)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < m * n * 4
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        low.dense()  # the control: forming ΔW is one m×n allocation, which the profiler sees
+    assert max(e.cpu_memory_usage for e in prof.events()) >= m * n * 4
