@@ -27,8 +27,8 @@ from surgery.methods.wanda import DEFAULT_MAX_LENGTH
 @click.option("--scope", type=click.Choice(["row", "tensor"]), default="row", show_default=True,
               help="Select the top share in each output row (reference) or over the whole matrix.")
 @click.option("--targets", multiple=True,
-              help="Module names (q_proj, self_attn.v_proj, globs, re:REGEX); default every LoRA module "
-                   "or every decoder Linear.")
+              help="Modules, comma-separated or repeated (q_proj,self_attn.v_proj, globs, re:REGEX); "
+                   "default every LoRA module or every decoder Linear.")
 @click.option("--dry-run", is_flag=True, help="Report per tensor what would change; write nothing.")
 @click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True,
               help="Tokens per sample; longer prompts are an error, longer responses are cut.")
@@ -53,7 +53,7 @@ def antidote_command(model: str, calib: str, ratio: float, out: str | None, adap
     if out is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run to only report")
     report = antidote(model, calib, ratio, out, adapter=adapter, aligned=aligned, scope=scope,
-                      targets=list(targets) or None, dry_run=dry_run, max_length=max_length,
+                      targets=_split_targets(targets), dry_run=dry_run, max_length=max_length,
                       num_samples=num_samples, tokens=tokens, chat_template=not no_chat_template,
                       device=device, force=force)
     if as_json:
@@ -72,6 +72,12 @@ def antidote_command(model: str, calib: str, ratio: float, out: str | None, adap
     console.print(f"{report.changed:,} entries changed in {len(report.tensors)} tensors "
                   f"({report.samples} samples, {report.tokens:,} tokens); {where} "
                   f"in {report.seconds.get('total', 0.0):.1f} s")
+
+
+def _split_targets(values: tuple[str, ...]) -> list[str] | None:
+    """`--targets q_proj,v_proj` or repeated `--targets`: one list, None when not given."""
+    out = [t for v in values for t in v.replace(",", " ").split()]
+    return out or None
 
 
 COMMANDS = [antidote_command]

@@ -16,7 +16,7 @@ from surgery.methods.wanda import DEFAULT_MAX_LENGTH, DEFAULT_NUM_SAMPLES, wanda
               help='Calibration JSONL, one {"prompt": ..., "response": ...} a line.')
 @click.option("--sparsity", required=True, type=float, help="Share of each row's weights to zero, e.g. 0.5.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Output model directory.")
-@click.option("--targets", multiple=True, help="Module names to prune (e.g. q_proj); default every decoder Linear.")
+@click.option("--targets", multiple=True, help="Modules to prune, comma-separated or repeated (q_proj,v_proj); default every decoder Linear.")
 @click.option("--scope", type=click.Choice(["row", "tensor"]), default="row", show_default=True,
               help="Compare scores within each output row (Wanda) or over the whole matrix.")
 @click.option("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, show_default=True,
@@ -38,7 +38,7 @@ def wanda_command(model: str, calib: str, sparsity: float, out: str, targets: tu
     ones (as the reference), reading one decoder layer at a time from the checkpoint and
     streaming the output. Writes a model plus wanda_report.json.
     """
-    report = wanda(model, calib, sparsity, out, targets=list(targets) or None, scope=scope,
+    report = wanda(model, calib, sparsity, out, targets=_split_targets(targets), scope=scope,
                    num_samples=num_samples, max_length=max_length, tokens=tokens,
                    chat_template=not no_chat_template, device=device, force=force)
     if as_json:
@@ -49,6 +49,12 @@ def wanda_command(model: str, calib: str, sparsity: float, out: str, targets: tu
         f"{len(report.tensors)} matrices ({report.samples} samples, {report.tokens:,} tokens) into "
         f"[bold]{report.out}[/bold] in {report.seconds.get('total', 0.0):.1f} s"
     )
+
+
+def _split_targets(values: tuple[str, ...]) -> list[str] | None:
+    """`--targets q_proj,v_proj` or repeated `--targets`: one list, None when not given."""
+    out = [t for v in values for t in v.replace(",", " ").split()]
+    return out or None
 
 
 COMMANDS = [wanda_command]

@@ -152,11 +152,11 @@ def test_dry_run_writes_nothing_and_cli_reports(setup, capsys):
     out = d / "dry"
     with pytest.raises(SystemExit) as info:
         main(["antidote", str(model_dir), "--calib", str(calib), "--ratio", "0.05", "-o", str(out),
-              "--dry-run", "--targets", "v_proj", "--json"])
+              "--dry-run", "--targets", "v_proj,q_proj", "--json"])
     assert info.value.code == 0 and not out.exists()
     rep = json.loads(capsys.readouterr().out)
-    assert rep["dry_run"] and {t["name"].split(".")[-2] for t in rep["tensors"]} == {"v_proj"}
-    assert rep["totals"]["selected"] == 2 * 16 * antidote_count(32, 0.05)
+    assert rep["dry_run"] and {t["name"].split(".")[-2] for t in rep["tensors"]} == {"v_proj", "q_proj"}
+    assert rep["totals"]["selected"] == 2 * (16 + 32) * antidote_count(32, 0.05)
 
 
 @pytest.mark.parametrize(
