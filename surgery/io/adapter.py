@@ -358,8 +358,13 @@ class LoraAdapter:
         bound: dict[str, LoraModule] = {}
         owner: dict[str, str] = {}
 
+        prefixes = sorted({n.split(".", 1)[0] for n in names if "." in n})
+        prefixed = [f"{p}.x" for p in prefixes]  # what base_key_candidates needs of the names
+
         def resolve(key: str) -> str | None:
-            hits = [c for c in base_key_candidates(key, names) if c in name_set]
+            if key in name_set:
+                return key
+            hits = [c for c in base_key_candidates(key, prefixed) if c in name_set]
             if hits:
                 return hits[0]
             tied = self._tied_target(key, base, name_set)
