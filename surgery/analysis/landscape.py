@@ -80,8 +80,8 @@ def _plan_checkpoints(a: Checkpoint, b: Checkpoint) -> dict[str, Setter]:
                             "run `surgery diff A B` to see them all")
     plan: dict[str, Setter] = {}
     for name in a.names():
-        if not torch_dtype(a.info(name).dtype).is_floating_point:
-            continue
+        if not torch_dtype(a.info(name).dtype).is_floating_point or torch.equal(a.get(name), b.get(name)):
+            continue  # equal tensors stay as loaded: only what differs is rewritten per α
 
         def setter(alpha: float, name: str = name) -> torch.Tensor:
             return torch.lerp(a.get(name).to(torch.float32), b.get(name).to(torch.float32), alpha)
@@ -179,7 +179,8 @@ def landscape(
     report = LandscapeReport(a=str(a), b=str(b), mode="adapter" if adapter_mode else "checkpoints",
                              moving_tensors=len(plan),
                              settings={"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit})
-    for alpha in track(grid, total=len(grid), description="landscape"):
+    steps_iter = track(grid, total=len(grid), description="landscape") if progress else iter(grid)
+    for alpha in steps_iter:
         t0 = time.perf_counter()
         with torch.no_grad():
             for name, setter in plan.items():

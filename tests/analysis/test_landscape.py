@@ -70,3 +70,15 @@ def test_mismatched_checkpoints_refused(models: dict[str, Path], tmp_path: Path)
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(MismatchError, match="only in A"):
         path_setters(a, Checkpoint.open(tmp_path))
+
+
+def test_only_differing_tensors_move(models: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    a = Checkpoint.open(models["a"])
+    state = {n: a.get(n).clone() for n in a.names()}
+    state["model.norm.weight"] = state["model.norm.weight"] * 2
+    save_file(state, str(tmp_path / "model.safetensors"))
+    setters = path_setters(a, Checkpoint.open(tmp_path))
+    assert list(setters) == ["model.norm.weight"]
+    torch.testing.assert_close(setters["model.norm.weight"](0.5), 1.5 * a.get("model.norm.weight"))
