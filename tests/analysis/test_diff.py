@@ -147,3 +147,20 @@ def test_adapter_module_that_does_not_fit_is_a_row(models: dict[str, Path], tmp_
     assert sorted(t.name for t in bad) == ["model.layers.0.mlp.down_proj.weight",
                                            "model.layers.1.self_attn.q_proj.weight"]
     assert len(report.changed) == 4
+
+
+def test_bf16_checkpoints_are_diffed_in_fp32(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 12, generator=g).to(torch.bfloat16)
+    b = (a.float() + 0.05 * torch.randn(16, 12, generator=g)).to(torch.bfloat16)
+    b[0, 0] = a[0, 0]
+    save_file({"model.layers.0.mlp.up_proj.weight": a}, str(tmp_path / "a.safetensors"))
+    save_file({"model.layers.0.mlp.up_proj.weight": b}, str(tmp_path / "b.safetensors"))
+    row = diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors").tensors[0]
+    an, bn = a.double().numpy(), b.double().numpy()
+    d = bn - an
+    assert (row.dtype_a, row.dtype_b) == ("BF16", "BF16")
+    assert row.metrics.rel_change == pytest.approx(np.linalg.norm(d) / np.linalg.norm(an), rel=1e-6)
+    assert row.metrics.changed_share == pytest.approx(np.count_nonzero(d) / d.size)
+    assert row.metrics.changed_share < 1.0
+    np.testing.assert_allclose(row.metrics.singular_values, np.linalg.svd(d, compute_uv=False)[:8], rtol=1e-5)
