@@ -326,7 +326,11 @@ def calibrate_layerwise(
         skeleton = ModelSkeleton(ckpt, dev, dtype, attn_implementation)
     lora_modules: dict[str, Any] = {}
     if adapter is not None:
-        lora_modules, _ = adapter.match(ckpt)
+        lora_modules, replacements = adapter.match(ckpt)
+        outside = [k for k in [*lora_modules, *replacements] if not k.startswith(f"{skeleton.prefix}layers.")]
+        if outside:
+            raise SurgeryError(f"the adapter changes {outside[0]}, outside the decoder layers; layer-by-layer "
+                               "calibration cannot apply it (merge the adapter and calibrate the merged model)")
 
     cache: list[torch.Tensor] = []
     layer_kwargs: list[list[dict[str, Any]]] = []

@@ -85,3 +85,13 @@ def test_bf16_checkpoint_computes_in_fp32(tmp_path):
     base = make_base(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     _assert_same(collect_linear_stats(model, _samples()), calibrate_layerwise(base, _samples()))
+
+
+def test_adapter_outside_decoder_layers_is_refused(tmp_path):
+    from surgery.errors import SurgeryError
+    from surgery.io.adapter import LoraAdapter
+
+    base = make_base(tmp_path / "m", "llama")
+    adapter = make_adapter(base, tmp_path / "ad", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(SurgeryError, match="lm_head.weight, outside the decoder layers"):
+        calibrate_layerwise(base, _samples(), adapter=LoraAdapter.open(adapter))
