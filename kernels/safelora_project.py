@@ -9,8 +9,10 @@ Low-rank form (this module's `safelora_project`): never forms P or any d_out x d
 product. C = V^T B (d_in x r), B_new = V C / ||V||_F, and with G_A = A A^T (r x r):
     <P B A, B A>_F = tr((B^T B_new) G_A),   ||P B A||^2 = tr((B_new^T B_new) G_A),
     ||B A||^2 = tr((B^T B) G_A).
-Two passes over V (V^T B and V C, thin GEMMs at memory bandwidth) plus r x r work,
-against O(d_out^2 d_in) flops for the dense reference.
+Two passes over V plus r x r work, against O(d_out^2 d_in) flops for the dense
+reference. On CUDA two Triton kernels stream V in its own dtype (no fp32 copy): the
+first computes C = V^T B and ||V||_F^2 together (fp32 partials per row split, summed
+in a fixed order), the second V C; on CPU the same algebra runs through torch.
 
 exact=True uses the true orthogonal projector onto the column space of V,
 Q Q^T with Q the left singular vectors whose singular value exceeds
@@ -25,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._runtime import interpreting, tl, triton, use_triton
 
 __all__ = ["safelora_project", "safelora_project_reference", "column_space_basis"]
 
@@ -74,24 +78,114 @@ def safelora_project_reference(
     return B_new.to(B.dtype), cos
 
 
+@triton.jit
+def _vtb_kernel(
+    V, Bm, CPART, SQPART, d_out, d_in, r, stride_v, rows_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """CPART[split, cols, :] = V[rows, cols]^T B[rows, :] and SQPART[split, col block] =
+    sum of V^2 over the split's rows, fp32 (B is fp32 [d_out, r] contiguous)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < d_in
+    ks = tl.arange(0, BLOCK_R)
+    kmask = ks < r
+    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_lo = pid_s.to(tl.int64) * rows_per_split
+    row_hi = tl.minimum(row_lo + rows_per_split, d_out)
+    for start in range(row_lo, row_hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rmask = rows < row_hi
+        v = tl.load(V + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        v = v.to(tl.float32)
+        b = tl.load(Bm + rows[:, None] * r + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(tl.trans(v), b, input_precision="ieee")
+        sq += v * v
+    out = CPART + pid_s.to(tl.int64) * d_in * BLOCK_R + cols[:, None] * BLOCK_R + ks[None, :]
+    tl.store(out, acc, mask=cmask[:, None])
+    tl.store(SQPART + pid_s * tl.num_programs(0) + pid_n, tl.sum(tl.sum(sq, axis=1), axis=0))
+
+
+@triton.jit
+def _vc_kernel(
+    V, Cm, OUT, d_out, d_in, r, stride_v, scale,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """OUT[rows, :r] = scale * V[rows, :] @ C, C fp32 [d_in, BLOCK_R] zero-padded."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < d_out
+    ks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for start in range(0, d_in, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        cmask = cols < d_in
+        v = tl.load(V + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        c = tl.load(Cm + cols[:, None] * BLOCK_R + ks[None, :], mask=cmask[:, None], other=0.0)
+        acc += tl.dot(v.to(tl.float32), c, input_precision="ieee")
+    tl.store(OUT + rows[:, None] * r + ks[None, :], acc * scale, mask=rmask[:, None] & (ks < r)[None, :])
+
+
+def _project_b_triton(V: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """V (V^T B) / ||V||_F in fp32 with two streaming passes over V (Triton)."""
+    if V.stride(1) != 1 or (interpreting() and V.dtype == torch.bfloat16):
+        V = V.float() if V.dtype == torch.bfloat16 else V.contiguous()
+    d_out, d_in = V.shape
+    r = B.shape[1]
+    Bf = B.float().contiguous()
+    block_r = max(16, triton.next_power_of_2(r))
+    block_m, block_n = 64, 64
+    n_cb = triton.cdiv(d_in, block_n)
+    if V.is_cuda:
+        sms = torch.cuda.get_device_properties(V.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(d_out, 4 * block_m), triton.cdiv(4 * sms, n_cb)))
+    else:
+        splits = 1 if d_out <= 128 else 2
+    rows_per_split = triton.cdiv(triton.cdiv(d_out, splits), block_m) * block_m
+    splits = triton.cdiv(d_out, rows_per_split)
+    cpart = torch.empty((splits, d_in, block_r), dtype=torch.float32, device=V.device)
+    sqpart = torch.empty((splits, n_cb), dtype=torch.float32, device=V.device)
+    _vtb_kernel[(n_cb, splits)](
+        V, Bf, cpart, sqpart, d_out, d_in, r, V.stride(0), rows_per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+    )
+    C = cpart.sum(0) if splits > 1 else cpart[0]
+    norm = math.sqrt(float(sqpart.double().sum()))
+    out = torch.empty((d_out, r), dtype=torch.float32, device=V.device)
+    if norm == 0.0:
+        return out.fill_(float("nan"))  # 0/0, as the reference gives
+    bm = 64
+    _vc_kernel[(triton.cdiv(d_out, bm),)](
+        V, C.contiguous(), out, d_out, d_in, r, V.stride(0), 1.0 / norm,
+        BLOCK_M=bm, BLOCK_K=64, BLOCK_R=block_r,
+    )
+    return out
+
+
 def safelora_project(
     V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, exact: bool = False
 ) -> tuple[torch.Tensor, float]:
     """(P B, cos(P B A, B A)) in low-rank form, never forming P or a d_out x d_in product.
 
     Same result as `safelora_project_reference` (within fp32 rounding) on any device;
-    B_new is returned in B's dtype, the math is fp32 (the r x r traces in fp64).
+    B_new is returned in B's dtype; the math is fp32, the r x r Gram traces fp64.
     """
     _check(V, B, A)
-    Vf, Bf, Af = V.float(), B.float(), A.float()
+    Bf, Af = B.float(), A.float()
     if exact:
-        Q = column_space_basis(Vf)
+        Q = column_space_basis(V)
         B_new = Q @ (Q.T @ Bf)
+    elif use_triton(V, B) and V.numel() > 0:
+        B_new = _project_b_triton(V, B)
     else:
+        Vf = V.float()
         norm = torch.linalg.vector_norm(Vf)
         B_new = (Vf @ (Vf.T @ Bf)) / norm
-    GA = (Af @ Af.T).double()
-    num = float(torch.sum((Bf.T @ B_new).double() * GA))  # tr(X G) = sum(X^T * G), G symmetric
-    n1 = float(torch.sum((B_new.T @ B_new).double() * GA))
-    n2 = float(torch.sum((Bf.T @ Bf).double() * GA))
+    # r x r Gram matrices in fp64: cheap (d x r inputs) and free of cancellation in the traces
+    Ad, Bd, Nd = Af.double(), Bf.double(), B_new.double()
+    GA = Ad @ Ad.T
+    num = float(torch.sum((Bd.T @ Nd) * GA))  # tr(X G) = sum(X * G) for symmetric G
+    n1 = float(torch.sum((Nd.T @ Nd) * GA))
+    n2 = float(torch.sum((Bd.T @ Bd) * GA))
     return B_new.to(B.dtype), _cos(num, n1, n2)
