@@ -63,3 +63,6 @@ def test_wanda_equals_reference(tmp_path, arch):
     saved = json.loads((tmp_path / "out" / "wanda_report.json").read_text())
     assert saved["totals"]["changed"] == report.changed
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    for name, value in ref_state.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
