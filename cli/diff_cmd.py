@@ -11,6 +11,7 @@ from rich.table import Table
 
 from surgery.analysis.diff import (
     ADAPTER_MISMATCH,
+    GRID_METRICS,
     MISSING_IN_A,
     MISSING_IN_B,
     SHAPE_MISMATCH,
@@ -89,6 +90,8 @@ def _print(report: DiffReport, rows: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.option("--plot", type=click.Path(path_type=str), default=None,
               help="Write a heatmap PNG (layers × module types, ‖ΔW‖/‖W‖).")
+@click.option("--plot-metric", type=click.Choice(GRID_METRICS), default="rel_change", show_default=True,
+              help="What the heatmap shows per cell (cosine_v and energy_in_v need --base).")
 @click.option("--top", type=click.IntRange(0), default=8, show_default=True,
               help="Singular values of ΔW reported per tensor.")
 @click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
@@ -100,8 +103,8 @@ def _print(report: DiffReport, rows: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickle (.bin) weights with weights_only=True.")
-def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | None, top: int, rank: int,
-                 rows: int, exact: bool, atol: float, seed: int, force: bool, allow_pickle: bool) -> None:
+def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | None, plot_metric: str, top: int,
+                 rank: int, rows: int, exact: bool, atol: float, seed: int, force: bool, allow_pickle: bool) -> None:
     """Compare checkpoint A with B: a checkpoint, or a LoRA adapter over A (kept factored).
 
     Per tensor: ‖ΔW‖/‖W‖, cosine of the weights, max |ΔW|, share of changed entries,
@@ -111,13 +114,15 @@ def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | No
     """
     if plot is not None:
         check_output(plot, force)
+        if plot_metric != "rel_change" and base is None:
+            raise SurgeryError(f"--plot-metric {plot_metric} compares ΔW with V = A − BASE: give --base")
     report = diff_checkpoints(a, b, base=base, rank=rank, top=top, exact=True if exact else None, seed=seed,
                               atol=atol, allow_pickle=allow_pickle)
     if plot is not None:
         from surgery.analysis.plots import diff_heatmap
 
         try:
-            diff_heatmap(report, plot, force=force)
+            diff_heatmap(report, plot, force=force, metric=plot_metric)
         except ValueError as exc:
             raise SurgeryError(f"cannot draw {plot}: {exc}") from None
     if as_json:

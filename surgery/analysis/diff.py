@@ -31,6 +31,7 @@ from surgery.progress import track
 CHANGED, UNCHANGED = "changed", "unchanged"
 MISSING_IN_A, MISSING_IN_B, SHAPE_MISMATCH = "missing_in_a", "missing_in_b", "shape_mismatch"
 ADAPTER_MISMATCH = "adapter_mismatch"
+GRID_METRICS = ("rel_change", "cosine_v", "energy_in_v")
 
 
 @dataclass
@@ -159,8 +160,14 @@ class DiffReport:
             groups.setdefault(t.module_type, []).append(t)
         return [_aggregate(k, v) for k, v in groups.items()]
 
-    def grid(self) -> tuple[list[str], list[str], list[list[float | None]]]:
-        """(layer labels, module types, rel_change per cell) over the tensors inside layers."""
+    def grid(self, metric: str = "rel_change") -> tuple[list[str], list[str], list[list[float | None]]]:
+        """(layer labels, module types, one aggregate per cell) over the tensors inside layers.
+
+        `metric` is an `Aggregate` field: "rel_change" (default), "cosine_v" or "energy_in_v"
+        (the last two need a BASE). Cells without comparable tensors are None.
+        """
+        if metric not in GRID_METRICS:
+            raise ValueError(f"unknown grid metric {metric!r}; choose one of {', '.join(GRID_METRICS)}")
         inside = [t for t in self.tensors if t.layer is not None]
         layers: list[str] = []
         types: list[str] = []
@@ -179,7 +186,8 @@ class DiffReport:
             for typ in types:
                 group = cells.get((layer, typ))
                 agg = _aggregate("", group) if group else None
-                row.append(agg.rel_change if agg is not None and any(g.metrics for g in group) else None)
+                ok = agg is not None and any(g.metrics for g in group)
+                row.append(getattr(agg, metric) if ok else None)
             values.append(row)
         return layers, types, values
 

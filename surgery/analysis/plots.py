@@ -31,19 +31,31 @@ def _save(fig, dest: Path, force: bool) -> Path:  # noqa: ANN001
     return dest
 
 
-def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, title: str | None = None) -> Path:
-    """Heatmap of ‖ΔW‖_F/‖W‖_F per layer (rows) and module type (columns); blank where absent."""
+_HEAT = {  # metric -> (colour-bar label, colormap, fixed range or None, default title)
+    "rel_change": ("‖ΔW‖_F / ‖W‖_F", "magma", None, "where the weights moved"),
+    "cosine_v": ("cos(V, ΔW)", "coolwarm", (-1.0, 1.0), "ΔW against the alignment update V = A − BASE"),
+    "energy_in_v": ("‖U_Vᵀ ΔW‖² / ‖ΔW‖²", "viridis", (0.0, 1.0), "share of ΔW inside V's top-r subspace"),
+}
+
+
+def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, title: str | None = None,
+                 metric: str = "rel_change") -> Path:
+    """Heatmap of a per-cell aggregate (default ‖ΔW‖_F/‖W‖_F) per layer (rows) and module type
+    (columns); blank where absent. `metric` "cosine_v" / "energy_in_v" need a diff with a BASE."""
     import numpy as np
 
-    layers, types, values = report.grid()
+    layers, types, values = report.grid(metric)
     if not layers or not types:
         raise ValueError("the diff has no tensors inside numbered layers to draw")
     grid = np.array([[np.nan if v is None or math.isinf(v) else v for v in row] for row in values], dtype=float)
+    if not np.isfinite(grid).any():
+        raise ValueError(f"no tensor has a value for {metric} (cosine_v and energy_in_v need --base)")
+    label, cmap, fixed, default_title = _HEAT[metric]
     fig = _figure(2.0 + 0.75 * len(types), 2.4 + 0.4 * len(layers))
     ax = fig.add_subplot(1, 1, 1)
     finite = grid[np.isfinite(grid)]
-    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma", vmin=0.0, vmax=vmax,
+    vmin, vmax = fixed if fixed is not None else (0.0, float(finite.max()) if finite.max() > 0 else 1.0)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
                       interpolation="nearest")
     ax.set_xticks(range(len(types)))
     ax.set_xticklabels([t.split(".")[-1] if len({x.split(".")[-1] for x in types}) == len(types) else t
@@ -55,11 +67,13 @@ def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, t
         for i in range(len(layers)):
             for j in range(len(types)):
                 if np.isfinite(grid[i, j]):
-                    text = f"{grid[i, j]:.2g}" if grid[i, j] > 0 else "0"
-                    color = "black" if grid[i, j] > 0.6 * vmax else "white"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
-    fig.colorbar(image, ax=ax, label="‖ΔW‖_F / ‖W‖_F")
-    ax.set_title(title or "where the weights moved", fontsize=10)
+                    value = grid[i, j]
+                    text = f"{value:.2g}" if value != 0 else "0"
+                    share = (value - vmin) / (vmax - vmin)
+                    light = share > 0.6 if cmap != "coolwarm" else abs(share - 0.5) < 0.3
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if light else "white")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_title(title or default_title, fontsize=10)
     fig.tight_layout()
     return _save(fig, Path(dest), force)
 

@@ -65,3 +65,25 @@ def test_landscape_cli_rejects_mismatch_before_eval(pair: dict[str, Path], tmp_p
     assert code == 2 and "same tensors" in err
     code, _, err = run(["landscape", str(pair["a"]), str(pair["b"]), "--harmful", str(h), "--steps", "1"], capsys)
     assert code == 2
+
+
+def test_heatmap_of_subspace_metrics(pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from surgery.analysis.diff import diff_checkpoints
+
+    png = tmp_path / "energy.png"
+    code, _, err = run(["diff", str(pair["a"]), str(pair["adapter"]), "--plot", str(png), "--plot-metric",
+                        "energy_in_v"], capsys)
+    assert code == 2 and "--base" in err and not png.exists()
+    code, _, _ = run(["diff", str(pair["a"]), str(pair["adapter"]), "--base", str(pair["b"]), "--plot", str(png),
+                      "--plot-metric", "energy_in_v", "--rank", "2"], capsys)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    report = diff_checkpoints(pair["a"], pair["adapter"], base=pair["b"], rank=2)
+    layers, types, grid = report.grid("energy_in_v")
+    for i, layer in enumerate(layers):
+        for j, typ in enumerate(types):
+            rows = [t for t in report.tensors if str(t.layer) == layer and t.module_type == typ]
+            shares = [t.metrics.energy_in_v for t in rows if t.metrics.energy_in_v is not None]
+            if shares:  # one tensor per cell here: the cell is that tensor's share
+                assert grid[i][j] == pytest.approx(shares[0])
+            else:
+                assert grid[i][j] is None
