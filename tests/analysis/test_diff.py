@@ -164,3 +164,20 @@ def test_bf16_checkpoints_are_diffed_in_fp32(tmp_path: Path) -> None:
     assert row.metrics.changed_share == pytest.approx(np.count_nonzero(d) / d.size)
     assert row.metrics.changed_share < 1.0
     np.testing.assert_allclose(row.metrics.singular_values, np.linalg.svd(d, compute_uv=False)[:8], rtol=1e-5)
+
+
+def test_gpt2_conv1d_adapter_form_equals_merged(tmp_path: Path) -> None:
+    """fan_in_fan_out (Conv1D weights stored [in, out]): the factored ΔW is transposed correctly."""
+    a = make_base(tmp_path / "a", "gpt2", seed=0)
+    adapter = make_adapter(a, tmp_path / "adapter", target_modules=["c_attn", "c_fc"], r=2)
+    merge_adapter(a, adapter, tmp_path / "merged")
+    low = diff_checkpoints(a, adapter, rank=2)
+    dense = {t.name: t for t in diff_checkpoints(a, tmp_path / "merged", rank=2).tensors}
+    moved = [t for t in low.tensors if t.status == CHANGED]
+    assert len(moved) == 4 and all(t.source == "lora" for t in moved)
+    assert {t.module_type for t in moved} == {"attn.c_attn", "mlp.c_fc"}
+    for t in moved:
+        d = dense[t.name].metrics
+        for name in ("rel_change", "cosine", "max_abs", "stable_rank", "effective_rank"):
+            assert getattr(t.metrics, name) == pytest.approx(getattr(d, name), rel=2e-4), (t.name, name)
+        np.testing.assert_allclose(t.metrics.singular_values, d.singular_values, rtol=2e-4)
