@@ -63,11 +63,15 @@ def _cos(num: float, n1: float, n2: float) -> float:
 def safelora_project_reference(
     V: torch.Tensor, B: torch.Tensor, A: torch.Tensor, exact: bool = False
 ) -> tuple[torch.Tensor, float]:
-    """Dense formulation as in the SafeLoRA/PEFT code: P materialised, P B A and B A formed."""
+    """Dense formulation as in the SafeLoRA/PEFT code: P materialised, P B A and B A formed.
+
+    fp32 math, or fp64 when V is fp64 (an accurate yardstick for tests and benchmarks).
+    """
     _check(V, B, A)
-    Vf, Bf, Af = V.float(), B.float(), A.float()
+    dt = torch.float64 if V.dtype == torch.float64 else torch.float32
+    Vf, Bf, Af = V.to(dt), B.to(dt), A.to(dt)
     if exact:
-        Q = column_space_basis(Vf)
+        Q = column_space_basis(Vf).to(dt)
         P = Q @ Q.T
     else:
         P = (Vf @ Vf.T) / torch.linalg.vector_norm(Vf)
