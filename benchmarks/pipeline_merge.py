@@ -267,7 +267,7 @@ def main() -> None:
         f"surgery / floor time: {result['ratios']['surgery_time_over_floor']}x (target <= 1.5x); "
         f"surgery / peft peak RSS: {result['ratios']['surgery_rss_over_peft']} (target <= 0.333); "
         f"largest tensor + 400 MB = {largest_mb + 400:.0f} MB. "
-        f"Max |surgery - peft| over all tensors: {diff:g} (bf16: peft adds a bf16-rounded delta, surgery rounds once).",
+        f"Max |surgery - peft| over all tensors: {diff:g}.",
         "",
         f"Note: {args.note}" if args.note else "",
     ]
