@@ -101,10 +101,12 @@ def _print(report: DiffReport, rows: int) -> None:
 @click.option("--atol", type=click.FloatRange(0), default=0.0, show_default=True,
               help="An entry counts as changed when |ΔW| exceeds this.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVDs.")
+@click.option("--title", default=None, help="Title of the --plot figure.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickle (.bin) weights with weights_only=True.")
 def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | None, plot_metric: str, top: int,
-                 rank: int, rows: int, exact: bool, atol: float, seed: int, force: bool, allow_pickle: bool) -> None:
+                 rank: int, rows: int, exact: bool, atol: float, seed: int, title: str | None, force: bool,
+                 allow_pickle: bool) -> None:
     """Compare checkpoint A with B: a checkpoint, or a LoRA adapter over A (kept factored).
 
     Per tensor: ‖ΔW‖/‖W‖, cosine of the weights, max |ΔW|, share of changed entries,
@@ -122,7 +124,7 @@ def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | No
         from surgery.analysis.plots import diff_heatmap
 
         try:
-            diff_heatmap(report, plot, force=force, metric=plot_metric)
+            diff_heatmap(report, plot, force=force, metric=plot_metric, title=title)
         except ValueError as exc:
             raise SurgeryError(f"cannot draw {plot}: {exc}") from None
     if as_json:

@@ -34,10 +34,12 @@ def _pct(x: float | None) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts of each set.")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--title", default=None, help="Title of the --plot figure.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 def landscape_command(a: str, b: str, harmful: str, task: str | None, benign: str | None, steps: int,
                       start: float, stop: float, plot: str | None, as_json: bool, max_new_tokens: int,
-                      batch_size: int, limit: int | None, device: str | None, force: bool) -> None:
+                      batch_size: int, limit: int | None, device: str | None, title: str | None,
+                      force: bool) -> None:
     """Score the models (1 − α)·A + α·B for α from --from to --to (Peng et al.'s safety landscape).
 
     B is a checkpoint with A's tensors, or a LoRA adapter over A (α then scales the
@@ -51,7 +53,7 @@ def landscape_command(a: str, b: str, harmful: str, task: str | None, benign: st
     if plot is not None:
         from surgery.analysis.plots import landscape_plot
 
-        landscape_plot(report, plot, force=force)
+        landscape_plot(report, plot, force=force, title=title)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
