@@ -45,6 +45,16 @@ def _check(V: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
         )
 
 
+def _fro_norm(V: torch.Tensor) -> torch.Tensor:
+    """||V||_F accumulated in fp64 in chunks (torch's fp32 CPU vector_norm is off by ~1e-4 at 4M elements)."""
+    flat = V.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=V.device)
+    for chunk in flat.split(1 << 20):
+        c = chunk.double()
+        total += torch.dot(c, c)
+    return total.sqrt()
+
+
 def column_space_basis(V: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis Q [d_out, rank] of V's column space via a rank-revealing thin SVD (fp32)."""
     Vf = V.float()
@@ -74,7 +84,7 @@ def safelora_project_reference(
         Q = column_space_basis(Vf).to(dt)
         P = Q @ Q.T
     else:
-        P = (Vf @ Vf.T) / torch.linalg.vector_norm(Vf)
+        P = (Vf @ Vf.T) / _fro_norm(Vf).to(dt)
     B_new = P @ Bf
     fW = (B_new @ Af).reshape(1, -1)
     ori = (Bf @ Af).reshape(1, -1)
@@ -184,8 +194,7 @@ def safelora_project(
         B_new = _project_b_triton(V, B)
     else:
         Vf = V.float()
-        norm = torch.linalg.vector_norm(Vf)
-        B_new = (Vf @ (Vf.T @ Bf)) / norm
+        B_new = (Vf @ (Vf.T @ Bf)) / _fro_norm(Vf).float()
     # r x r Gram matrices in fp64: cheap (d x r inputs) and free of cancellation in the traces
     Ad, Bd, Nd = Af.double(), Bf.double(), B_new.double()
     GA = Ad @ Ad.T
