@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,13 +160,13 @@ def optimise_value(model: torch.nn.Module, layout: Layout, layer: int, fact: Fac
                    prefixes: Sequence[Sequence[int]], start: Sequence[int], kl_ids: Sequence[int],
                    kl_subject_last: int, v0_norm: float, pad: int, *, steps: int = 25, lr: float = 0.5,
                    kl_factor: float = 0.0625, weight_decay: float = 1e-3, clamp_norm_factor: float = 4.0,
-                   stop_loss: float = 5e-2) -> ValueResult:
+                   stop_loss: float = 5e-2, on_step: Callable[[int, float], None] | None = None) -> ValueResult:
     """Adam on delta, added to the MLP output at the subject's last token of every prompt.
 
     Loss: mean over the prefixed prompts of the mean target-token NLL, plus
     kl_factor * KL(original || edited) of the next token after "{subject} is a", plus
     weight_decay * ||delta||^2 / ||v0||^2; delta is clamped to clamp_norm_factor * ||v0||.
-    Stops early when the NLL falls below `stop_loss`.
+    Stops early when the NLL falls below `stop_loss`. `on_step(step, loss)` reports progress.
     """
     dev = next(model.parameters()).device
     seqs, subj, tgt_start = [], [], []
@@ -219,6 +219,8 @@ def optimise_value(model: torch.nn.Module, layout: Layout, layer: int, fact: Fac
             loss = nll + kl_factor * kl + wd
             losses.append(float(loss.detach()))
             nlls.append(float(nll.detach()))
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
             if nlls[-1] < stop_loss:
                 break
             loss.backward()
@@ -515,9 +517,14 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
 
     # v*
     model.requires_grad_(False)
-    val = optimise_value(model, layout, layer, fact, prefix_ids, start, kl_fact.prompt_ids, kl_fact.subject_last,
-                         v0_norm, pad, steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay,
-                         clamp_norm_factor=clamp_norm_factor)
+    from surgery.progress import Status
+
+    with Status("ROME: optimising v*") as status:
+        val = optimise_value(model, layout, layer, fact, prefix_ids, start, kl_fact.prompt_ids,
+                             kl_fact.subject_last, v0_norm, pad, steps=steps, lr=lr, kl_factor=kl_factor,
+                             weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
+                             on_step=(lambda i, loss: status.update(f"step {i}/{steps} loss {loss:.3f}"))
+                             if progress else None)
     v_star = v0 + val.delta
     u, v = rome_vectors(W, k_star, v_star, C, ridge)
 
