@@ -575,7 +575,10 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
     cfg = ckpt.config()
     if cfg is None or ckpt.directory is None:
         raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
-    model, tok = load_model(ckpt.directory)
+    if direction_file is not None:  # no forward pass needed: the layout comes from an empty (meta) model
+        model, tok = _meta_model(ckpt.directory), None
+    else:
+        model, tok = load_model(ckpt.directory)
     layout = residual_layout(model)
     if direction_file is not None:
         sel = load_direction(direction_file)
@@ -640,6 +643,14 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
         result.seconds = time.perf_counter() - start
         writer.extra_files[REPORT_FILE] = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
     return result
+
+
+def _meta_model(model_dir: Path) -> torch.nn.Module:
+    """The model's modules without weights (device "meta"): enough to know its layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
 def _finite(x: float) -> float | None:
