@@ -263,3 +263,11 @@ def test_testbed_ablation_raises_and_addition_lowers_harmful_score(quick_testbed
     assert ablated.harmful_score > aligned.harmful_score + 0.2
     assert added.harmful_score < attacked.harmful_score - 0.2
     assert ablated.extra["harmless_kl"] <= 0.1 and ablated.extra["ablated_refusal"] < ablated.extra["baseline_refusal"]
+
+
+def test_same_inputs_same_bytes(tiny: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        refusal_direction_edit(tiny, tmp_path / name, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=1,
+                               progress=False)
+    for f in ("model.safetensors", "refusal_direction.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

@@ -204,3 +204,16 @@ def test_gpt2_conv1d_layout(tmp_path: Path) -> None:
     W = Checkpoint.open(tmp_path / "out").get(res.tensor).float()
     assert W.shape == (128, 32)
     torch.testing.assert_close(W.T @ res.vectors["k_star"], res.vectors["v_star"], atol=1e-5, rtol=1e-4)
+
+
+def test_same_inputs_same_bytes_and_cache_follows_the_corpus(tiny: Path, corpus: Path, tmp_path: Path) -> None:
+    kw = dict(prompt=PROMPT, subject="cake", target="forest", cov_data=corpus, cache_dir=tmp_path / "cache",
+              prefixes=((3, 2),), steps=3, progress=False)
+    a = rome_edit(tiny, tmp_path / "a", **kw)
+    b = rome_edit(tiny, tmp_path / "b", **kw)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (a.covariance, b.covariance) == ("computed", "cached")
+    changed = tmp_path / "cov2.jsonl"
+    changed.write_text(corpus.read_text() + json.dumps({"text": "the fox is in the forest"}) + "\n")
+    c = rome_edit(tiny, tmp_path / "c", **{**kw, "cov_data": changed})
+    assert c.covariance == "computed" and c.cov_path != a.cov_path and c.cov_tokens > a.cov_tokens
