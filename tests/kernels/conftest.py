@@ -59,6 +59,25 @@ def _force_triton(monkeypatch):
     monkeypatch.setenv("SURGERY_FORCE_TRITON", "1")
 
 
+_EMPTY = torch.empty
+_EMPTY_LIKE = torch.empty_like
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_allocations(monkeypatch):
+    """Every buffer the ops allocate with torch.empty/empty_like starts poisoned (NaN floats,
+    0x55 bools and ints), so an element a kernel fails to write cannot pass by luck."""
+
+    def empty(*args, **kwargs):
+        return poison_(_EMPTY(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return poison_(_EMPTY_LIKE(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A generator seeded from the test id: fresh inputs per case, reproducible runs."""
@@ -85,13 +104,13 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) 
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with values no kernel writes (NaN for floats, 0x55 bytes otherwise)."""
-    if t.is_floating_point():
+    """Fill a buffer with values no kernel writes: NaN for floats, 0x55 for bools (neither 0 nor 1) and ints."""
+    if t.is_floating_point() or t.is_complex():
         t.fill_(float("nan"))
     elif t.dtype == torch.bool:
         t.view(torch.uint8).fill_(0x55)
     else:
-        t.fill_(-12345)
+        t.fill_(0x55)
     return t
 
 
