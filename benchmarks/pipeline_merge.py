@@ -198,13 +198,15 @@ def main() -> None:
         }
         runs: dict[str, list[dict]] = {k: [] for k in paths}
         warm(root)
+        order = list(paths)
         for i in range(args.repeat):
-            for name, make_cmd in paths.items():
+            for name in order[i % 3:] + order[: i % 3]:  # rotate, so no path always runs first
                 out = root / f"out-{name}-{i}"
-                runs[name].append(measure(make_cmd(out)))
+                os.sync()  # every path starts without the previous one's dirty pages to write back
+                runs[name].append(measure(paths[name](out)))
                 print(name, runs[name][-1], flush=True)
-                if i < args.repeat - 1 or name == "floor":
-                    shutil.rmtree(out)
+                # outputs stay until the end: deleting 1 GB between runs makes the file system
+                # discard blocks while the next path writes, which slowed whichever came next
         best = {
             name: {"wall_s": min(r["wall_s"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                    "cpu_s": min(r["cpu_s"] for r in rs), "runs": rs}
@@ -213,6 +215,8 @@ def main() -> None:
         last = args.repeat - 1
         diff = check_same(root / f"out-surgery-{last}", root / f"out-peft-{last}")
     finally:
+        for stale in root.glob("out-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -259,7 +263,8 @@ def main() -> None:
         f"Synthetic Llama-shaped bf16 checkpoint: {info['parameters'] / 1e9:.3f}B parameters, "
         f"{info['bytes'] / 1e9:.2f} GB in {info['shards']} shards, largest tensor {largest_mb:.0f} MiB; "
         f"LoRA r={info['adapter_r']} on all 7 projections of every layer (fp32 adapter). "
-        f"Best of {args.repeat} runs per path, each in its own subprocess, warm page cache. "
+        f"Best of {args.repeat} runs per path (order rotated), each in its own subprocess, warm page cache, "
+        "`sync` before each. "
         f"Load average at the end: {result['load_average_at_end']} on {result['cpus']} CPUs.",
         "",
         *rows,
