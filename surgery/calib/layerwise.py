@@ -258,6 +258,22 @@ def _inject_lora(layer: nn.Module, prefix: str, modules: dict[str, Any], adapter
 # --------------------------------------------------------------------------- runner
 
 
+def _release_memory() -> None:
+    """Give freed heap memory back to the OS after each layer (glibc keeps it otherwise).
+
+    Layer weights, their fp32 copies and per-tensor temporaries are tens of MB each, below
+    glibc's largest mmap threshold, so without a trim the heap only grows: measured on a
+    1B-parameter checkpoint, resident memory crept by ~20 MB per layer.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Clock:
     """Accumulates wall and CPU seconds per phase into a dict (no-op without one); syncs CUDA."""
 
@@ -372,4 +388,5 @@ def calibrate_layerwise(
         for b in range(len(batches)):
             layer_kwargs[b][i] = {}
         del layer, lora, collector
+        _release_memory()
     return result
