@@ -18,7 +18,7 @@ the j-th smallest key T by MSB radix select with 8-bit digits and `tl.histogram`
 order (a running `tl.cumsum` over the ties). "Largest k" is the complement of the
 smallest n - k, which gives exactly the last k of the order.
 - scope="row": one program per row; the row is held in registers when it fits
-  (<= 32768 elements) and re-read per round otherwise.
+  (<= 16384 elements) and re-read per round from cache otherwise.
 - scope="tensor": one launch per radix round, each program adding its local
   histogram to a global 256-bin histogram with `tl.atomic_add`; a one-program launch
   picks the digit on the device (no host sync); a per-block count of the ties,
@@ -32,6 +32,7 @@ and zeroes the selected weights in place: no score tensor, no sort, no int64 ind
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -43,8 +44,12 @@ __all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_refe
 _SCOPES = ("row", "tensor")
 # Triton >= 3.7-ish has `tl.histogram(..., mask=)`; older versions need the bin-0 trick.
 _HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters)
-_MAX_SINGLE = 32768  # longest row held in registers in one block
-_CHUNK = 4096  # block for rows longer than that (re-read each round, L2-resident)
+# Longest row held in registers in one block, and the block for longer rows (re-read per
+# round from L1/L2). Compiled for sm_90, a 16384 block at 16 warps uses 128 registers and
+# ~230 bytes of stack; 32768 spilled over 1 KB per thread, so longer rows take the chunked
+# path (4096 at 8 warps: ~80-170 registers, no stack). Env overrides exist for GPU tuning.
+_MAX_SINGLE = 16384
+_CHUNK = 4096
 _TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
 
 
@@ -340,7 +345,9 @@ def _row_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None = 
         return
     rounds, shift = _key_format(X.dtype if mode == 0 else torch.float32)
     if block is None:
-        block = next_pow2(n_cols) if n_cols <= _MAX_SINGLE else _CHUNK
+        max_single = int(os.environ.get("SURGERY_TOPK_MAX_SINGLE", _MAX_SINGLE))
+        chunk = int(os.environ.get("SURGERY_TOPK_CHUNK", _CHUNK))
+        block = next_pow2(n_cols) if n_cols <= max_single else chunk
     block = max(int(block), 256)
     single = block >= n_cols
     num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
