@@ -70,6 +70,7 @@ class LoraModule:
     kind: str  # "linear" | "embedding"
     magnitude_key: str | None = None
     bias_key: str | None = None
+    tied_head: bool = False  # an output head the base stores tied to its input embedding (base_key)
 
     @property
     def is_dora(self) -> bool:
@@ -403,7 +404,8 @@ class LoraAdapter:
                 if mag != rows:
                     problems.append(f"{target}: DoRA magnitude has {mag} entries, expected {rows}")
                     continue
-            new = dataclasses.replace(m, base_key=target, fan_in_fan_out=fif)
+            tied_head = target != m.base_key and target not in base_key_candidates(m.base_key, prefixed)
+            new = dataclasses.replace(m, base_key=target, fan_in_fan_out=fif, tied_head=tied_head)
             if new.bias_key is not None:
                 bias_target = new.base_bias_key
                 if bias_target not in name_set:
@@ -439,9 +441,15 @@ class LoraAdapter:
         return bound, replacements
 
     @staticmethod
+    def tied_embedding(base: Checkpoint) -> str | None:
+        """The input-embedding tensor that `base` also uses as its output head (no
+        `lm_head.weight` stored, `tie_word_embeddings` not false), or None."""
+        return LoraAdapter._tied_target("lm_head.weight", base, set(base.names()))
+
+    @staticmethod
     def _tied_target(key: str, base: Checkpoint, name_set: set[str]) -> str | None:
         """An output head that the base stores tied to its input embedding."""
-        if not key.endswith("lm_head.weight"):
+        if not key.endswith("lm_head.weight") or key in name_set:
             return None
         config = base.config() or {}
         if not config.get("tie_word_embeddings", True):

@@ -10,6 +10,7 @@ atomically or not at all.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,33 @@ def _nonfinite(result: torch.Tensor, dtype: torch.dtype) -> bool:
     return not bool(torch.isfinite(result.to(dtype)).all())
 
 
+def _untie_plan(
+    ckpt: Checkpoint,
+    lora: LoraAdapter,
+    modules: dict[str, LoraModule],
+    replacements: dict[str, str],
+    unmerge: bool,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Untie a tied embedding the adapter changes: `({embedding: head key}, {config.json: text})`.
+
+    With tied weights, a LoRA on `lm_head` changes only the output projection and one on
+    `embed_tokens` only the input lookup; merging either into the one shared tensor would
+    change both (peft warns about this, huggingface/peft#2777). So the merge writes the
+    head as its own tensor and sets `tie_word_embeddings: false`, which keeps the adapted
+    model's outputs exactly.
+    """
+    config = ckpt.config()
+    if unmerge or config is None:
+        return {}, {}
+    if not any("ForCausalLM" in a or "LMHead" in a for a in config.get("architectures") or []):
+        return {}, {}
+    emb = LoraAdapter.tied_embedding(ckpt)
+    if emb is None or (emb not in modules and emb not in replacements):
+        return {}, {}
+    config = {**config, "tie_word_embeddings": False}
+    return {emb: "lm_head.weight"}, {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+
+
 def _nonfinite_message(mode: str, name: str, dtype: torch.dtype) -> str:
     return (
         f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
@@ -194,6 +222,9 @@ def merge_adapter(
     params = {"shard_size": shard_size, "allow_nonfinite": allow_nonfinite}
     metadata = provenance(mode, params, inputs={"base": ckpt, "adapter": lora})
     specs = [TensorSpec.like(name, ckpt.info(name)) for name in ckpt.names()]
+    head_of, extra_files = _untie_plan(ckpt, lora, modules, replacements, unmerge)
+    for emb, head in head_of.items():
+        specs.append(TensorSpec(head, ckpt.info(emb).torch_dtype, tuple(ckpt.info(emb).shape)))
     report = MergeReport(out=str(out), mode=mode, tensors=len(specs))
     sign = -1.0 if unmerge else 1.0
 
@@ -203,7 +234,8 @@ def merge_adapter(
     torch.set_num_threads(1)
     try:
         _stream(ckpt, lora, out, specs, modules, replacements, bias_of, report, sign, mode, metadata,
-                shard_size=shard_size, force=force, unmerge=unmerge, allow_nonfinite=allow_nonfinite)
+                shard_size=shard_size, force=force, unmerge=unmerge, allow_nonfinite=allow_nonfinite,
+                head_of=head_of, extra_files=extra_files)
     finally:
         torch.set_num_threads(threads)
     report.total_bytes = sum(s.nbytes for s in specs)
@@ -228,8 +260,20 @@ def _stream(
     force: bool,
     unmerge: bool,
     allow_nonfinite: bool,
+    head_of: dict[str, str],
+    extra_files: dict[str, str],
 ) -> None:
     """The write loop of `merge_adapter`: every base tensor once, in storage order."""
+
+    def checked(name: str, result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        nonfinite = _nonfinite(result, dtype)
+        result = result.to(dtype)
+        if nonfinite:
+            if not allow_nonfinite:
+                raise NonFiniteError(_nonfinite_message(mode, name, dtype))
+            report.nonfinite.append(name)
+        return result
+
     with CheckpointWriter(
         out,
         specs,
@@ -237,11 +281,26 @@ def _stream(
         metadata=metadata,
         force=force,
         copy_files_from=ckpt.companion_files(),
+        extra_files=extra_files,
     ) as writer:
-        for name in track(ckpt.names(), total=len(specs), description=mode):
+        for name in track(ckpt.names(), total=len(ckpt.names()), description=mode):
             m = modules.get(name)
             bias_module = bias_of.get(name)
             rkey = replacements.get(name)
+            if name in head_of:  # a tied embedding the adapter changes: write embedding and head apart
+                stored = ckpt.get(name)
+                dtype = stored.dtype
+                under = lora.get(rkey) if rkey is not None else stored
+                if rkey is not None:
+                    report.replaced.append(name)
+                for key, moved in ((name, m is not None and not m.tied_head), (head_of[name], m is not None and m.tied_head)):
+                    value = merged_weight(lora, m, under) if moved else under.to(torch.float32)  # type: ignore[arg-type]
+                    if moved:
+                        report.merged.append(key)
+                        if m.is_dora:  # type: ignore[union-attr]
+                            report.dora.append(key)
+                    writer.write(key, checked(key, value, dtype))
+                continue
             if m is None and bias_module is None and rkey is None:
                 writer.write(name, ckpt.get(name))
                 continue
@@ -280,12 +339,7 @@ def _stream(
             else:
                 result = w
             del w
-            nonfinite = _nonfinite(result, dtype)
-            result = result.to(dtype)
-            if nonfinite:
-                if not allow_nonfinite:
-                    raise NonFiniteError(_nonfinite_message(mode, name, dtype))
-                report.nonfinite.append(name)
+            result = checked(name, result, dtype)
             writer.write(name, result)
             del result
     report.shards = list(writer.shards)

@@ -30,6 +30,7 @@ CASES = {
     "gpt2-conv1d-dora": ("gpt2", {"fan_in_fan_out": True, "use_dora": True}),
     "gpt2-lora-bias": ("gpt2", {"fan_in_fan_out": True, "lora_bias": True}),
     "gemma-tied-lm-head": ("gemma", {"extra_targets": ["lm_head"]}),
+    "gemma-tied-embedding": ("gemma", {"extra_targets": ["embed_tokens"]}),
     "llama-embedding": ("llama", {"extra_targets": ["embed_tokens"]}),
     "llama-embedding-dora": ("llama", {"extra_targets": ["embed_tokens"], "use_dora": True}),
     "llama-modules-to-save": ("llama", {"modules_to_save": ["lm_head"]}),
@@ -56,22 +57,39 @@ def test_merge_equals_peft_merge_and_unload(built, tmp_path, name):
     reference = peft_merged_state(base, adapter)
     merged = Checkpoint.open(tmp_path / "out")
     base_ckpt = Checkpoint.open(base)
-    assert set(merged.names()) == set(base_ckpt.names())
     assert report.merged, "nothing was merged"
+    if name.startswith("gemma-tied"):
+        # peft merges into the one shared tensor, changing both the lookup and the head; surgery
+        # unties them so each keeps what the adapter did (logits checked below)
+        assert set(merged.names()) == set(base_ckpt.names()) | {"lm_head.weight"}
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+        emb, head = merged.get("model.embed_tokens.weight"), merged.get("lm_head.weight")
+        if name.endswith("lm-head"):
+            assert torch.equal(emb, base_ckpt.get("model.embed_tokens.weight"))
+            assert _max_diff(head, reference["lm_head.weight"]) <= 1e-5
+        else:
+            assert torch.equal(head, base_ckpt.get("model.embed_tokens.weight"))
+            assert _max_diff(emb, reference["model.embed_tokens.weight"]) <= 1e-5
+    else:
+        assert set(merged.names()) == set(base_ckpt.names())
     changed = 0
-    for key in merged.names():
-        assert _max_diff(merged.get(key), reference[key]) <= 1e-5, key
+    for key in base_ckpt.names():
+        if key != "model.embed_tokens.weight" or not name.startswith("gemma-tied"):
+            assert _max_diff(merged.get(key), reference[key]) <= 1e-5, key
         changed += not torch.equal(merged.get(key), base_ckpt.get(key))
-    assert changed >= len(report.merged)
+    assert changed >= len(report.merged) - name.startswith("gemma-tied")
     if CASES[name][1].get("use_dora"):
         assert report.dora
 
 
-def test_merged_output_loads_and_gives_peft_logits(built, tmp_path):
+@pytest.mark.parametrize(
+    "name", ["llama-dora", "gpt2-lora-bias", "gemma-tied-lm-head", "gemma-tied-embedding", "llama-embedding"]
+)
+def test_merged_output_loads_and_gives_peft_logits(built, tmp_path, name):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, adapter = _adapter(built, "llama-dora")
+    base, adapter = _adapter(built, name)
     merge_adapter(base, adapter, tmp_path / "out")
     ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
