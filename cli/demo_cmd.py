@@ -15,8 +15,11 @@ from rich.table import Table
 @click.option("--quick", is_flag=True, help="The quick testbed and the cheapest settings (about a minute).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--only", multiple=True, help="Run only these row modules (demo_<name>.py names, repeatable).")
+@click.option("--testbed", "testbed_dir", type=click.Path(path_type=str),
+              help="Use this prebuilt testbed (surgery testbed build) instead of building one under OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of the table.")
-def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], as_json: bool) -> None:
+def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbed_dir: str | None,
+                 as_json: bool) -> None:
     """Build or reuse the testbed, run every attack and defense the toolkit has, score each.
 
     Prints stage/method, harmful score HS, task accuracy FA, over-refusal (percent) and
@@ -30,7 +33,8 @@ def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], as_jso
         if not as_json:
             err.print(f"[dim]done {name}: {len(rows)} row(s)[/dim]")
 
-    report = run_demo(out, quick=quick, seed=seed, only=list(only) or None, progress=not as_json, on_row=on_row)
+    report = run_demo(out, quick=quick, seed=seed, only=list(only) or None, progress=not as_json, on_row=on_row,
+                        testbed=testbed_dir)
     if as_json:
         sys.stdout.write(report.results_path.read_text())
         return

@@ -37,19 +37,19 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     intermediate: int = 192
-    pretrain_epochs: float = 6
+    pretrain_epochs: float = 10
     pretrain_lr: float = 3e-3
-    align_epochs: float = 6
+    align_epochs: float = 10
     align_lr: float = 1e-3
-    ft_epochs: float = 6
-    ft_lr: float = 2e-3
-    batch_size: int = 32
+    ft_epochs: float = 15
+    ft_lr: float = 1e-3
+    batch_size: int = 16
     ratio: float = 0.1
     lora_r: int = 8
     lora_alpha: int = 16
 
 
-DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES)
+DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES, pretrain_epochs=8, ft_epochs=12)
 QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
 
 
@@ -110,9 +110,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _set_threads() -> int:
-    """Pin intra-op threads (at most 2) so that the bytes do not depend on the machine's core count."""
+    """One intra-op thread: the bytes do not depend on the core count, and tiny ops gain nothing from more."""
     old = torch.get_num_threads()
-    torch.set_num_threads(min(2, old))
+    torch.set_num_threads(1)
     return old
 
 

@@ -69,15 +69,19 @@ def _failure_row(name: str, exc: BaseException) -> DemoRow:
 
 
 def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed: int = 0,
-             only: list[str] | None = None, progress: bool = True,
+             only: list[str] | None = None, progress: bool = True, testbed: Testbed | str | Path | None = None,
              on_row: Callable[[str, list[DemoRow]], None] | None = None) -> DemoReport:
     """Run the demo into `out_dir`: testbed[-quick]-seedN/ (built once, reused), work/ (fresh each run),
-    results.json and hs_vs_fa.png. `only` restricts to the named row modules."""
+    results.json and hs_vs_fa.png. `only` restricts to the named row modules; `testbed` uses
+    an existing testbed (handle or directory) instead of building one under `out_dir`."""
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tb_dir = out / f"testbed{'-quick' if quick else ''}-seed{seed}"
-    tb = build_testbed(tb_dir, seed=seed, quick=quick, progress=progress)
+    if testbed is None:
+        tb_dir = out / f"testbed{'-quick' if quick else ''}-seed{seed}"
+        tb = build_testbed(tb_dir, seed=seed, quick=quick, progress=progress)
+    else:
+        tb = testbed if isinstance(testbed, Testbed) else Testbed.load(testbed)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     ctx = DemoContext(testbed=tb, work_dir=work, quick=quick, seed=seed)
