@@ -19,6 +19,12 @@ def _print_checkpoint(s: dict, console: Console) -> None:
         f"{s['tensors']} tensors, {s['parameters']:,} parameters, {format_size(s['bytes'])}, "
         f"{s['layers']} layers"
     )
+    meta = s.get("metadata") or {}
+    if "surgery.method" in meta:
+        console.print(
+            f"written by surgery {meta.get('surgery.version', '?')} {meta['surgery.method']} "
+            f"{meta.get('surgery.params', '')}"
+        )
     dtypes = Table(title="by dtype")
     for col in ("dtype", "tensors", "parameters", "bytes"):
         dtypes.add_column(col, justify="left" if col == "dtype" else "right")

@@ -122,6 +122,8 @@ def test_merge_cli_writes_shards_and_json(capsys, models, tmp_path):
     code, out, _ = run(capsys, "merge", models["base"], models["plain"], "-o", out_dir, "--force")
     assert code == 0 and "merged 6 of 21 tensors" in out
     assert (out_dir / "model.safetensors").exists() and not (out_dir / "model.safetensors.index.json").exists()
+    code, out, _ = run(capsys, "inspect", out_dir)
+    assert code == 0 and "written by surgery" in out and "merge" in out
 
 
 @pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("1.5GiB", 3 * 2**29),
