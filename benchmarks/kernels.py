@@ -407,7 +407,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("speedup over the PyTorch baseline (log)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
