@@ -250,3 +250,14 @@ def test_histogram_without_mask_argument(monkeypatch, gen, helpers):
     for scope in ("row", "tensor"):
         for largest in (True, False):
             check_mask(x, float(torch.rand((), generator=gen)), largest, scope, helpers, block=256)
+
+
+@pytest.mark.parametrize("scope", ["row", "tensor"])
+def test_bf16_key_format_under_the_interpreter(monkeypatch, scope, gen, helpers):
+    """bf16 scores use 16-bit keys (2 radix rounds, shift 16). The interpreter cannot load
+    bf16, so feed bf16-representable fp32 scores through that key format: exact masks."""
+    monkeypatch.setattr(TOPK_MODULE, "_key_format", lambda dtype: (2, 16))
+    for kind in ("normal", "ties", "special"):
+        x = scores_of(kind, (4, 300), torch.float32, gen).to(torch.bfloat16).float()
+        for largest in (True, False):
+            check_mask(x, float(torch.rand((), generator=gen)), largest, scope, helpers, block=256)
