@@ -256,5 +256,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
             tok.save_pretrained(tmp)
         else:  # no hub look-up for the base's vocabulary: embeddings are not trained here
             model.save_pretrained(tmp, save_embedding_layers=False)
+            # peft's boilerplate model card records the local (temporary) base path: drop it
+            (tmp / "README.md").unlink(missing_ok=True)
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out

@@ -1,0 +1,108 @@
+"""Build mechanics (determinism, reuse, refusal of foreign outputs) and the demo driver."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from surgery.errors import InputNotFoundError, OutputExistsError
+from surgery.testbed import DemoRow, Testbed, build_testbed
+from surgery.testbed.build import QUICK_RECIPE
+
+os.environ.setdefault("SURGERY_PROGRESS", "0")
+
+# a miniature recipe: same code path as the real builds, a few seconds
+TINY = dataclasses.replace(
+    QUICK_RECIPE, pretrain_epochs=0.2, align_epochs=0.2, ft_epochs=0.5,
+    sizes=dataclasses.replace(QUICK_RECIPE.sizes, pretrain=200, alignment=100, task_train=64, task_eval=8,
+                              attack_pool=10, harmful_train=10, harmful_eval=8, benign_eval=8, harmless=8,
+                              utility=8),
+)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    a = build_testbed(tmp_path / "a", seed=5, recipe=TINY, progress=False)
+    b = build_testbed(tmp_path / "b", seed=5, recipe=TINY, progress=False)
+    da, db = _digest(a.root), _digest(b.root)
+    assert da == db
+    assert {"base/model.safetensors", "aligned/model.safetensors", "attacked/adapter_model.safetensors",
+            "benign-ft/adapter_model.safetensors", "data/harmful_eval.jsonl", "testbed.json"} <= set(da)
+    c = build_testbed(tmp_path / "c", seed=6, recipe=TINY, progress=False)
+    assert _digest(c.root)["aligned/model.safetensors"] != da["aligned/model.safetensors"]
+
+
+def test_reuse_and_refusals(tmp_path: Path) -> None:
+    tb = build_testbed(tmp_path / "tb", seed=1, recipe=TINY, progress=False)
+    stamp = (tb.aligned / "model.safetensors").stat().st_mtime_ns
+    again = build_testbed(tmp_path / "tb", seed=1, progress=False)  # complete, same seed: reused
+    assert (again.aligned / "model.safetensors").stat().st_mtime_ns == stamp
+    assert Testbed.load(tmp_path / "tb").manifest["seed"] == 1
+    with pytest.raises(OutputExistsError):
+        build_testbed(tmp_path / "tb", seed=2, progress=False)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(OutputExistsError):
+        build_testbed(tmp_path / "other", progress=False)
+    with pytest.raises(InputNotFoundError):
+        Testbed.load(tmp_path / "other")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_demo_driver_reports_failures_and_writes_results(quick_testbed, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from surgery.testbed import demo
+
+    good = types.ModuleType("surgery.testbed.demo_fakegood")
+    good.ORDER = 900
+
+    def good_rows(ctx):  # noqa: ANN001, ANN202
+        with ctx.timer() as t:
+            pass
+        return [DemoRow(stage="fake", method="good", harmful_score=0.5, task_accuracy=0.25, seconds=t["seconds"])]
+
+    good.rows = good_rows
+    bad = types.ModuleType("surgery.testbed.demo_fakebad")
+    bad.ORDER = 800
+
+    def bad_rows(ctx):  # noqa: ANN001, ANN202
+        raise RuntimeError("boom")
+
+    bad.rows = bad_rows
+    monkeypatch.setitem(sys.modules, "surgery.testbed.demo_fakegood", good)
+    monkeypatch.setitem(sys.modules, "surgery.testbed.demo_fakebad", bad)
+    real = demo.discover_row_modules
+    monkeypatch.setattr(demo, "discover_row_modules",
+                        lambda: sorted(real() + [(900, "fakegood", good), (800, "fakebad", bad)], key=lambda t: t[:2]))
+    report = demo.run_demo(tmp_path / "demo", quick=True, testbed=quick_testbed, only=["fakegood", "fakebad"],
+                           progress=False)
+    assert [r.method for r in report.rows] == ["fakebad", "good"]  # ORDER respected
+    assert report.failures == ["fakebad"] and "boom" in report.rows[0].note
+    doc = json.loads(report.results_path.read_text())
+    assert doc["rows"][1]["harmful_score"] == 0.5 and doc["failures"] == ["fakebad"]
+    assert report.chart_path is not None and report.chart_path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_cli_baseline_rows(quick_testbed, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from surgery.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "-o", str(tmp_path / "d"), "--quick", "--testbed", str(quick_testbed.root), "--only", "baseline",
+              "--json"])
+    assert info.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    stages = [r["stage"] for r in doc["rows"]]
+    assert stages == ["base", "aligned", "attacked", "benign-ft"]
+    assert (tmp_path / "d" / "results.json").is_file() and (tmp_path / "d" / "hs_vs_fa.png").is_file()
+    assert all(set(r) >= {"stage", "method", "harmful_score", "task_accuracy", "over_refusal", "seconds", "note",
+                          "extra"} for r in doc["rows"])
