@@ -28,8 +28,8 @@ def _colreduce_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     row_lo = pid_s.to(tl.int64) * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, n_rows)
-    for start in range(row_lo, row_hi, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
+    for off in range(0, rows_per_split, BLOCK_R):  # scalar-int bounds: portable to Triton 3.6's interpreter
+        rows = row_lo + off + tl.arange(0, BLOCK_R)
         rmask = rows < row_hi
         if HAS_W:
             if W_BOOL:

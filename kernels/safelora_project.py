@@ -111,8 +111,8 @@ def _vtb_kernel(
     sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_lo = pid_s.to(tl.int64) * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, d_out)
-    for start in range(row_lo, row_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+    for off in range(0, rows_per_split, BLOCK_M):  # scalar-int bounds: portable to Triton 3.6's interpreter
+        rows = row_lo + off + tl.arange(0, BLOCK_M)
         rmask = rows < row_hi
         v = tl.load(V + rows[:, None] * stride_v + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         v = v.to(tl.float32)

@@ -18,7 +18,7 @@ the j-th smallest key T by MSB radix select with 8-bit digits and `tl.histogram`
 order (a running `tl.cumsum` over the ties). "Largest k" is the complement of the
 smallest n - k, which gives exactly the last k of the order.
 - scope="row": one program per row; the row is held in registers when it fits
-  (<= 16384 elements) and re-read per round from cache otherwise.
+  (<= 8192 elements) and re-read per round from cache otherwise.
 - scope="tensor": one launch per radix round, each program adding its local
   histogram to a global 256-bin histogram with `tl.atomic_add`; a one-program launch
   picks the digit on the device (no host sync); a per-block count of the ties,
@@ -45,10 +45,11 @@ _SCOPES = ("row", "tensor")
 # Triton >= 3.7-ish has `tl.histogram(..., mask=)`; older versions need the bin-0 trick.
 _HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters)
 # Longest row held in registers in one block, and the block for longer rows (re-read per
-# round from L1/L2). Compiled for sm_90, a 16384 block at 16 warps uses 128 registers and
-# ~230 bytes of stack; 32768 spilled over 1 KB per thread, so longer rows take the chunked
-# path (4096 at 8 warps: ~80-170 registers, no stack). Env overrides exist for GPU tuning.
-_MAX_SINGLE = 16384
+# round from L1/L2). Compiled for sm_90 (fused bf16 prune): 8192 at 16 warps uses 128
+# registers and 64 B of stack on Triton 3.9 (264 B on 3.6); 16384 spilled 240 B (3.9) and
+# 1.2 KB (3.6) per thread, so longer rows take the chunked path (4096 at 8 warps: 156-169
+# registers, no stack on either). SURGERY_TOPK_MAX_SINGLE / SURGERY_TOPK_CHUNK override.
+_MAX_SINGLE = 8192
 _CHUNK = 4096
 _TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
 
@@ -254,18 +255,19 @@ def _row_select_kernel(
 
 @triton.jit
 def _tensor_hist_kernel(
-    X, S, HIST, STATE, numel, n_cols,
+    X, S, HIST, STATE, numel, n_cols, iters,
     r: tl.constexpr, MODE: tl.constexpr, ROUNDS: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Radix round r over the whole tensor: add the local histogram of digit r of the
-    keys matching the current prefix (STATE[0]) into HIST[r] with atomics."""
+    keys matching the current prefix (STATE[0]) into HIST[r] with atomics. Programs
+    stride over the blocks: program p takes blocks p, p + nprog, ... (`iters` of them)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     prefix = tl.load(STATE)
     hist = tl.zeros([256], dtype=tl.int32)
-    for start in range(pid.to(tl.int64) * BLOCK, numel, nprog.to(tl.int64) * BLOCK):
-        idx = start + offs
+    for it in range(0, iters):
+        idx = (pid.to(tl.int64) + it * nprog.to(tl.int64)) * BLOCK + offs
         valid = idx < numel
         key = _load_keys(X, S, idx, idx % n_cols, valid, MODE, SHIFT)
         inc = valid & _in_prefix(key, prefix, r, ROUNDS)
@@ -350,7 +352,7 @@ def _row_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None = 
         block = next_pow2(n_cols) if n_cols <= max_single else chunk
     block = max(int(block), 256)
     single = block >= n_cols
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    num_warps = 4 if block <= 2048 else (8 if block <= 4096 else 16)
     write = 0 if out is not None else 1
     o = out.view(torch.int8) if out is not None else X
     _row_select_kernel[(n_rows,)](
@@ -384,7 +386,8 @@ def _tensor_launch(X, S, out, j: int, invert: bool, mode: int, block: int | None
     Sx = S if S is not None else X
     for r in range(rounds):
         _tensor_hist_kernel[(hist_grid,)](
-            X, Sx, hist, state, numel, n_cols, r=r, MODE=mode, ROUNDS=rounds, SHIFT=shift, BLOCK=block
+            X, Sx, hist, state, numel, n_cols, triton.cdiv(n_blocks, hist_grid),
+            r=r, MODE=mode, ROUNDS=rounds, SHIFT=shift, BLOCK=block,
         )
         _tensor_pick_kernel[(1,)](hist, state, r=r)
     counts = torch.empty(n_blocks, dtype=torch.int32, device=dev)

@@ -41,15 +41,15 @@ def variants():
                "j_count": "i32", "MODE": "constexpr", "WRITE": "constexpr", "INVERT": "constexpr",
                "ROUNDS": "constexpr", "SHIFT": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr"}
     for xt, rounds, shift in (("fp32", 4, 0), ("fp16", 3, 8), ("bf16", 2, 16)):
-        for block, single, warps in ((16384, True, 16), (32768, True, 16), (4096, False, 8)):
+        for block, single, warps in ((8192, True, 16), (4096, True, 8), (4096, False, 8)):
             sig = dict(row_sig, X=f"*{xt}")
-            out.append((f"row_select mask {xt} B{block}", tk._row_select_kernel, sig,
+            out.append((f"row_select mask {xt} B{block}{'' if single else ' chunked'}", tk._row_select_kernel, sig,
                         {"MODE": 0, "WRITE": 0, "INVERT": True, "ROUNDS": rounds, "SHIFT": shift, "BLOCK": block,
                          "SINGLE": single}, warps))
     for wt in ("fp32", "fp16", "bf16"):
         sig = dict(row_sig, X=f"*{wt}", OUT=f"*{wt}")
-        out.append((f"row_select fused-prune {wt} B16384", tk._row_select_kernel, sig,
-                    {"MODE": 1, "WRITE": 1, "INVERT": False, "ROUNDS": 4, "SHIFT": 0, "BLOCK": 16384,
+        out.append((f"row_select fused-prune {wt} B8192", tk._row_select_kernel, sig,
+                    {"MODE": 1, "WRITE": 1, "INVERT": False, "ROUNDS": 4, "SHIFT": 0, "BLOCK": 8192,
                      "SINGLE": True}, 16))
         out.append((f"row_select fused-prune {wt} chunked", tk._row_select_kernel, sig,
                     {"MODE": 1, "WRITE": 1, "INVERT": True, "ROUNDS": 4, "SHIFT": 0, "BLOCK": 4096,
@@ -59,7 +59,7 @@ def variants():
         for r in range(rounds):
             out.append((f"tensor_hist {xt} mode{mode} r{r}", tk._tensor_hist_kernel,
                         {"X": f"*{xt}", "S": "*fp32", "HIST": "*i32", "STATE": "*i32", "numel": "i64",
-                         "n_cols": "i32", "r": "constexpr", "MODE": "constexpr", "ROUNDS": "constexpr",
+                         "n_cols": "i32", "iters": "i32", "r": "constexpr", "MODE": "constexpr", "ROUNDS": "constexpr",
                          "SHIFT": "constexpr", "BLOCK": "constexpr"},
                         {"r": r, "MODE": mode, "ROUNDS": rounds, "SHIFT": shift, "BLOCK": 4096}, 4))
         out.append((f"tensor_eqcount {xt} mode{mode}", tk._tensor_eqcount_kernel,

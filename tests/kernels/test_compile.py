@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).with_name("compile_all.py")
 SUBSET = ",".join(
     [
         "wanda_score bf16",
-        "row_select mask bf16 B16384",
+        "row_select mask bf16 B8192",
         "row_select fused-prune fp16 chunked",
         "tensor_hist fp32 mode0 r1",
         "tensor_eqcount bf16 mode1",
@@ -48,7 +48,7 @@ def test_kernels_compile_for_sm90(fallback):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SURGERY_FORCE_TRITON")}
     if fallback:
         env["NO_HIST_MASK"] = "1"
-    subset = SUBSET if not fallback else "row_select mask fp32 B16384,tensor_hist fp32 mode0 r2"
+    subset = SUBSET if not fallback else "row_select mask fp32 B8192,tensor_hist fp32 mode0 r2"
     res = subprocess.run(
         [sys.executable, str(SCRIPT), "90", subset], capture_output=True, text=True, env=env, timeout=600
     )
