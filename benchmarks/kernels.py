@@ -24,7 +24,7 @@ the script runs the CPU comparisons that do: SafeLoRA low-rank vs dense at r = 1
 streaming statistics vs the hook code, and a per-tensor mask beyond 2^24 elements where
 `torch.quantile` refuses. Results: `benchmarks/results/kernels-<device>.json`, `.md`, `.png`.
 
-    python benchmarks/kernels.py [--quick] [--shapes 4096x4096,...] [--dtypes bf16,fp32]
+    python benchmarks/kernels.py [--quick] [--shapes 4096x4096,...] [--dtypes bf16,fp32] [--ops mask,prune,...]
     python benchmarks/kernels.py --smoke   # every GPU row at a tiny shape, on any device
 """
 
@@ -62,6 +62,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TOKENS = 2048  # calibration tokens per batch for the statistics rows
 RANK_SAFELORA = 16
 RANK_SALORA = 32
+OP_GROUPS = ("score", "prune", "mask", "stats", "safelora", "salora", "rank_one")
+_SELECTED: set[str] = set(OP_GROUPS)
+
+
+def want(group: str) -> bool:
+    """Whether this op group was asked for (`--ops`)."""
+    return group in _SELECTED
 
 
 # ----------------------------------------------------------------------------- timing
@@ -205,110 +212,117 @@ def gpu_rows(shape, dname: str, dev: torch.device, copy_gbps: float, quick: bool
     ratio = 0.5
 
     # Wanda score
-    ms = bench(lambda: wanda_score(W, s), dev, quick)
-    bms = bench(lambda: W.abs() * torch.sqrt(s.reshape(1, -1)), dev, quick)
-    ok = torch.equal(wanda_score(W, s), (W.float().abs() * torch.sqrt(s.double()).float().reshape(1, -1)))
-    out.append(row("wanda_score", shape, dname, ms, "abs(W)*sqrt(s)", bms, numel * (esz + 4) + 4 * d_in, copy_gbps,
-                   "exact" if ok else "MISMATCH"))
+    if want("score"):
+        ms = bench(lambda: wanda_score(W, s), dev, quick)
+        bms = bench(lambda: W.abs() * torch.sqrt(s.reshape(1, -1)), dev, quick)
+        ok = torch.equal(wanda_score(W, s), (W.float().abs() * torch.sqrt(s.double()).float().reshape(1, -1)))
+        out.append(row("wanda_score", shape, dname, ms, "abs(W)*sqrt(s)", bms, numel * (esz + 4) + 4 * d_in, copy_gbps,
+                       "exact" if ok else "MISMATCH"))
 
     # fused per-row prune (in place; repeated runs keep the work per run the same)
-    Wa, Wb = W.clone(), W.clone()
-    wanda_prune_(Wa, s, ratio)
-    baseline_wanda_row(Wb, s, ratio)
-    check = "exact" if torch.equal(Wa, Wb) else "MISMATCH"
-    Wa.copy_(W)
-    ms = bench(lambda: wanda_prune_(Wa, s, ratio), dev, quick)
-    Wb.copy_(W)
-    bms = bench(lambda: baseline_wanda_row(Wb, s, ratio), dev, quick)
-    out.append(row("wanda_prune_ row (fused)", shape, dname, ms, "wanda sort+scatter", bms, 2 * numel * esz, copy_gbps,
-                   check))
+    if want("prune"):
+        Wa, Wb = W.clone(), W.clone()
+        wanda_prune_(Wa, s, ratio)
+        baseline_wanda_row(Wb, s, ratio)
+        check = "exact" if torch.equal(Wa, Wb) else "MISMATCH"
+        Wa.copy_(W)
+        ms = bench(lambda: wanda_prune_(Wa, s, ratio), dev, quick)
+        Wb.copy_(W)
+        bms = bench(lambda: baseline_wanda_row(Wb, s, ratio), dev, quick)
+        out.append(row("wanda_prune_ row (fused)", shape, dname, ms, "wanda sort+scatter", bms, 2 * numel * esz, copy_gbps,
+                       check))
 
     # masks on a precomputed score in the weight dtype
-    score = (W.float().abs() * torch.sqrt(s).reshape(1, -1)).to(dtype)
-    m1 = topk_mask(score, ratio, largest=True, scope="row")
-    check = "exact" if torch.equal(m1, baseline_row_mask(score.float(), ratio)) else "MISMATCH"
-    ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="row"), dev, quick)
-    bms = bench(lambda: baseline_row_mask(score, ratio), dev, quick)
-    out.append(row("topk_mask row", shape, dname, ms, "sort+scatter", bms, numel * (esz + 1), copy_gbps, check))
+    if want("mask"):
+        score = (W.float().abs() * torch.sqrt(s).reshape(1, -1)).to(dtype)
+        m1 = topk_mask(score, ratio, largest=True, scope="row")
+        check = "exact" if torch.equal(m1, baseline_row_mask(score.float(), ratio)) else "MISMATCH"
+        ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="row"), dev, quick)
+        bms = bench(lambda: baseline_row_mask(score, ratio), dev, quick)
+        out.append(row("topk_mask row", shape, dname, ms, "sort+scatter", bms, numel * (esz + 1), copy_gbps, check))
 
-    mt = topk_mask(score, ratio, largest=True, scope="tensor")
-    check = "exact" if torch.equal(mt, baseline_tensor_sort(score, ratio)) else "MISMATCH"
-    ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="tensor"), dev, quick)
-    try:
-        bms = bench(lambda: baseline_tensor_sort(score, ratio), dev, quick)
-    except torch.OutOfMemoryError:
-        bms = None
-    out.append(row("topk_mask tensor", shape, dname, ms, "torch.sort flat", bms, numel * (esz + 1), copy_gbps, check,
-                   f"{numel / 2**24:.1f}x 2^24 elements"))
-    kms = bench(lambda: baseline_tensor_kthvalue(score, ratio), dev, True)
-    out.append(row("topk_mask tensor", shape, dname, ms, "torch.kthvalue flat", kms, numel * (esz + 1), copy_gbps,
-                   "count equal" if int(mt.sum()) == int(numel * ratio) else "MISMATCH", "kthvalue threshold ignores ties"))
+        mt = topk_mask(score, ratio, largest=True, scope="tensor")
+        check = "exact" if torch.equal(mt, baseline_tensor_sort(score, ratio)) else "MISMATCH"
+        ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="tensor"), dev, quick)
+        try:
+            bms = bench(lambda: baseline_tensor_sort(score, ratio), dev, quick)
+        except torch.OutOfMemoryError:
+            bms = None
+        out.append(row("topk_mask tensor", shape, dname, ms, "torch.sort flat", bms, numel * (esz + 1), copy_gbps, check,
+                       f"{numel / 2**24:.1f}x 2^24 elements"))
+        kms = bench(lambda: baseline_tensor_kthvalue(score, ratio), dev, True)
+        out.append(row("topk_mask tensor", shape, dname, ms, "torch.kthvalue flat", kms, numel * (esz + 1), copy_gbps,
+                       "count equal" if int(mt.sum()) == int(numel * ratio) else "MISMATCH", "kthvalue threshold ignores ties"))
 
     # statistics over TOKENS tokens with a response mask
-    X = randn(TOKENS, d_in)
-    mask = torch.rand(TOKENS, generator=gen).to(dev) < 0.7
-    e = rel_err(channel_sq_norms(X, mask), baseline_hook_sq_norms(X, mask))
-    ms = bench(lambda: channel_sq_norms(X, mask), dev, quick)
-    bms = bench(lambda: baseline_hook_sq_norms(X, mask), dev, quick)
-    out.append(row("channel_sq_norms", (TOKENS, d_in), dname, ms, "hook torch.norm**2", bms, X.numel() * esz + TOKENS,
-                   copy_gbps, f"rel {e:.1e}"))
-    if not (quick and d_in > 14336):
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            e = rel_err(covariance(X, mask), baseline_covariance(X, mask))
-            ms = bench(lambda: covariance(X, mask), dev, quick)
-            bms = bench(lambda: baseline_covariance(X, mask), dev, quick)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-        flops = 2.0 * int(mask.sum()) * d_in * d_in
-        out.append(row("covariance", (TOKENS, d_in), dname, ms, "fp32 Xf.T@Xf", bms, None, copy_gbps, f"rel {e:.1e}",
-                       f"{flops / ms / 1e9:.1f} TFLOP/s"))
+    if want("stats"):
+        X = randn(TOKENS, d_in)
+        mask = torch.rand(TOKENS, generator=gen).to(dev) < 0.7
+        e = rel_err(channel_sq_norms(X, mask), baseline_hook_sq_norms(X, mask))
+        ms = bench(lambda: channel_sq_norms(X, mask), dev, quick)
+        bms = bench(lambda: baseline_hook_sq_norms(X, mask), dev, quick)
+        out.append(row("channel_sq_norms", (TOKENS, d_in), dname, ms, "hook torch.norm**2", bms, X.numel() * esz + TOKENS,
+                       copy_gbps, f"rel {e:.1e}"))
+        if not (quick and d_in > 14336):
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                e = rel_err(covariance(X, mask), baseline_covariance(X, mask))
+                ms = bench(lambda: covariance(X, mask), dev, quick)
+                bms = bench(lambda: baseline_covariance(X, mask), dev, quick)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+            flops = 2.0 * int(mask.sum()) * d_in * d_in
+            out.append(row("covariance", (TOKENS, d_in), dname, ms, "fp32 Xf.T@Xf", bms, None, copy_gbps, f"rel {e:.1e}",
+                           f"{flops / ms / 1e9:.1f} TFLOP/s"))
 
     # SafeLoRA, r = 16: V in the weight dtype, LoRA factors fp32
-    V = W
-    B = randn(d_out, RANK_SAFELORA, dt=torch.float32) * 0.01
-    A = randn(RANK_SAFELORA, d_in, dt=torch.float32) * 0.01
-    Bn, cos = safelora_project(V, B, A)
-    Bd, cosd = safelora_project_reference(V, B, A)
-    check = f"rel {rel_err(Bn, Bd):.1e}, dcos {abs(cos - cosd):.1e}"
-    ms = bench(lambda: safelora_project(V, B, A), dev, quick)
-    try:
-        bms = bench(lambda: safelora_project_reference(V, B, A), dev, True)
-    except torch.OutOfMemoryError:
-        bms = None
-    out.append(row(f"safelora_project r={RANK_SAFELORA}", shape, dname, ms, "dense P (PEFT)", bms, 2 * numel * esz,
-                   copy_gbps, check))
+    if want("safelora"):
+        V = W
+        B = randn(d_out, RANK_SAFELORA, dt=torch.float32) * 0.01
+        A = randn(RANK_SAFELORA, d_in, dt=torch.float32) * 0.01
+        Bn, cos = safelora_project(V, B, A)
+        Bd, cosd = safelora_project_reference(V, B, A)
+        check = f"rel {rel_err(Bn, Bd):.1e}, dcos {abs(cos - cosd):.1e}"
+        ms = bench(lambda: safelora_project(V, B, A), dev, quick)
+        try:
+            bms = bench(lambda: safelora_project_reference(V, B, A), dev, True)
+        except torch.OutOfMemoryError:
+            bms = None
+        out.append(row(f"safelora_project r={RANK_SAFELORA}", shape, dname, ms, "dense P (PEFT)", bms, 2 * numel * esz,
+                       copy_gbps, check))
 
     # SaLoRA projection on activations [tokens, d_out]
-    X = randn(2 * TOKENS, d_out)
-    U = torch.linalg.qr(torch.randn(d_out, RANK_SALORA, generator=gen, dtype=torch.float32))[0].to(dev)
-    e = rel_err(salora_project(X, U).float(), baseline_salora(X, U).float())
-    ms = bench(lambda: salora_project(X, U), dev, quick)
-    bms = bench(lambda: baseline_salora(X, U), dev, quick)
-    out.append(row(f"salora_project r={RANK_SALORA}", (2 * TOKENS, d_out), dname, ms, "X @ dense C", bms,
-                   2 * X.numel() * esz, copy_gbps, f"rel {e:.1e}"))
+    if want("salora"):
+        X = randn(2 * TOKENS, d_out)
+        U = torch.linalg.qr(torch.randn(d_out, RANK_SALORA, generator=gen, dtype=torch.float32))[0].to(dev)
+        e = rel_err(salora_project(X, U).float(), baseline_salora(X, U).float())
+        ms = bench(lambda: salora_project(X, U), dev, quick)
+        bms = bench(lambda: baseline_salora(X, U), dev, quick)
+        out.append(row(f"salora_project r={RANK_SALORA}", (2 * TOKENS, d_out), dname, ms, "X @ dense C", bms,
+                       2 * X.numel() * esz, copy_gbps, f"rel {e:.1e}"))
 
     # rank-one edits in place
-    u, v = randn(d_out, dt=torch.float32), randn(d_in, dt=torch.float32)
-    Wa, Wb = W.clone(), W.clone()
-    rank_one_update_(Wa, u, v)
-    Wb += torch.outer(u, v).to(dtype)
-    check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
-    ms = bench(lambda: rank_one_update_(Wa, u, v), dev, quick)
-    bms = bench(lambda: Wb.add_(torch.outer(u, v).to(dtype)), dev, quick)
-    out.append(row("rank_one_update_", shape, dname, ms, "W += outer(u,v)", bms, 2 * numel * esz, copy_gbps, check))
-    r = randn(d_out, dt=torch.float32)
-    rh = r / r.norm()
-    Wa.copy_(W)
-    Wb.copy_(W)
-    direction_ablate_(Wa, r)
-    Wb -= torch.outer(rh, rh @ Wb.float()).to(dtype)
-    check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
-    ms = bench(lambda: direction_ablate_(Wa, r), dev, quick)
-    bms = bench(lambda: Wb.sub_(torch.outer(rh, rh @ Wb.float()).to(dtype)), dev, quick)
-    out.append(row("direction_ablate_", shape, dname, ms, "W -= outer(r, r@W)", bms, 2 * numel * esz, copy_gbps,
-                   check, "two passes (r^T W, then update)"))
+    if want("rank_one"):
+        u, v = randn(d_out, dt=torch.float32), randn(d_in, dt=torch.float32)
+        Wa, Wb = W.clone(), W.clone()
+        rank_one_update_(Wa, u, v)
+        Wb += torch.outer(u, v).to(dtype)
+        check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
+        ms = bench(lambda: rank_one_update_(Wa, u, v), dev, quick)
+        bms = bench(lambda: Wb.add_(torch.outer(u, v).to(dtype)), dev, quick)
+        out.append(row("rank_one_update_", shape, dname, ms, "W += outer(u,v)", bms, 2 * numel * esz, copy_gbps, check))
+        r = randn(d_out, dt=torch.float32)
+        rh = r / r.norm()
+        Wa.copy_(W)
+        Wb.copy_(W)
+        direction_ablate_(Wa, r)
+        Wb -= torch.outer(rh, rh @ Wb.float()).to(dtype)
+        check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
+        ms = bench(lambda: direction_ablate_(Wa, r), dev, quick)
+        bms = bench(lambda: Wb.sub_(torch.outer(rh, rh @ Wb.float()).to(dtype)), dev, quick)
+        out.append(row("direction_ablate_", shape, dname, ms, "W -= outer(r, r@W)", bms, 2 * numel * esz, copy_gbps,
+                       check, "two passes (r^T W, then update)"))
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -419,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ops", default=",".join(OP_GROUPS), help="GPU op groups: " + ",".join(OP_GROUPS))
     args = p.parse_args(argv)
+    _SELECTED.clear()
+    _SELECTED.update(o for o in args.ops.split(",") if o)
+    unknown = _SELECTED - set(OP_GROUPS)
+    if unknown:
+        p.error(f"unknown --ops {sorted(unknown)}; choose from {','.join(OP_GROUPS)}")
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
