@@ -1,8 +1,9 @@
 """Entry point of the `surgery` command.
 
 Commands live in `surgery.cli.<name>_cmd` modules; each exposes `COMMANDS`, a list
-of click commands or groups, and is discovered here so that adding a command is
-adding a module. Errors: a `SurgeryError` prints one line and exits 2; any other
+of click commands or groups. The modules are found by name and imported only when
+their command runs (or for `--help`), so `surgery merge` does not pay for triton and
+the methods. Errors: a `SurgeryError` prints one line and exits 2; any other
 exception exits 1 (with the traceback under `-v`).
 """
 
@@ -22,7 +23,38 @@ from surgery.errors import SurgeryError
 _VERBOSE = {"level": 0}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _command_modules() -> dict[str, str]:
+    """Command name -> module. A module `x_cmd` is assumed to define command `x` unless it
+    says otherwise in `COMMAND_NAMES` (read from source text, so nothing is imported)."""
+    import surgery.cli as package
+
+    found: dict[str, str] = {}
+    for module_info in pkgutil.iter_modules(package.__path__):
+        if module_info.name.endswith("_cmd"):
+            found[module_info.name.removesuffix("_cmd")] = f"surgery.cli.{module_info.name}"
+    return found
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_command_modules()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        module_name = _command_modules().get(name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(module_name)
+        for candidate in getattr(module, "COMMANDS", []):
+            self.add_command(candidate)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="surgery")
 @click.option("-v", "--verbose", count=True, help="Show tracebacks on errors (and more logging with -vv).")
 def cli(verbose: int) -> None:
@@ -32,20 +64,6 @@ def cli(verbose: int) -> None:
     one tensor at a time. `surgery demo` shows everything on a built-in testbed.
     """
     _VERBOSE["level"] = verbose
-
-
-def _register_commands() -> None:
-    import surgery.cli as package
-
-    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if not module_info.name.endswith("_cmd"):
-            continue
-        module = importlib.import_module(f"surgery.cli.{module_info.name}")
-        for command in getattr(module, "COMMANDS", []):
-            cli.add_command(command)
-
-
-_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
