@@ -95,3 +95,21 @@ def test_adapter_outside_decoder_layers_is_refused(tmp_path):
     adapter = make_adapter(base, tmp_path / "ad", target_modules=["q_proj", "lm_head"])
     with pytest.raises(SurgeryError, match="lm_head.weight, outside the decoder layers"):
         calibrate_layerwise(base, _samples(), adapter=LoraAdapter.open(adapter))
+
+
+def test_sliding_window_layers_get_their_own_mask(tmp_path):
+    """Qwen2 with a sliding-window layer: each layer receives the mask the model gives it."""
+    import transformers as tf
+
+    from tests.factories import tiny_config
+
+    cfg = tiny_config("qwen2")
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 4, 1
+    cfg.layer_types = ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    model.save_pretrained(tmp_path / "sw")
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.randint(0, 96, (n,), generator=g), torch.ones(n, dtype=torch.bool)) for n in (12, 9)]
+    _assert_same(collect_linear_stats(model, samples), calibrate_layerwise(tmp_path / "sw", samples))
