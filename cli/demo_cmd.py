@@ -25,7 +25,12 @@ def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbe
     Prints stage/method, harmful score HS, task accuracy FA, over-refusal (percent) and
     the method's seconds; writes OUT/results.json and OUT/hs_vs_fa.png.
     """
+    from transformers.utils import logging as hf_logging
+
     from surgery.testbed.demo import format_value, run_demo
+
+    hf_logging.disable_progress_bar()  # our own progress and tables only
+    hf_logging.set_verbosity_error()
 
     err = Console(stderr=True)
 

@@ -43,8 +43,13 @@ def eval_command(model: str, adapter: str | None, harmful: str | None, task: str
     match of the normalised answer with `answer` in --task. Over-refusal: share of
     --benign prompts refused.
     """
+    from transformers.utils import logging as hf_logging
+
     from surgery.eval.evaluate import evaluate
     from surgery.eval.judge import KeywordJudge
+
+    hf_logging.disable_progress_bar()  # our own progress and tables only
+    hf_logging.set_verbosity_error()
 
     if not any((harmful, task, benign, harmless)):
         raise SurgeryError("nothing to evaluate: give --harmful, --task, --benign and/or --harmless JSONL files")

@@ -25,7 +25,12 @@ def build_command(out: str, seed: int, quick: bool, force: bool, as_json: bool) 
 
     A complete testbed with the same seed and --quick flag at OUT is reused.
     """
+    from transformers.utils import logging as hf_logging
+
     from surgery.testbed import build_testbed
+
+    hf_logging.disable_progress_bar()  # our own progress and tables only
+    hf_logging.set_verbosity_error()
 
     start = time.perf_counter()
     tb = build_testbed(out, seed=seed, quick=quick, force=force)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +231,9 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
 
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                          bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft's deprecation noise from transformers
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, cfg)
         model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
     dev = torch.device(device) if device is not None else default_device()
     losses = train_loop(model, samples, pad_id=pad_id, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from surgery.errors import InputNotFoundError, OutputExistsError
-from surgery.testbed import DemoRow, Testbed, build_testbed
+from surgery.testbed import DemoRow, build_testbed
 from surgery.testbed.build import QUICK_RECIPE
+from surgery.testbed.build import Testbed as _Testbed
 
 os.environ.setdefault("SURGERY_PROGRESS", "0")
 
@@ -48,14 +49,14 @@ def test_reuse_and_refusals(tmp_path: Path) -> None:
     stamp = (tb.aligned / "model.safetensors").stat().st_mtime_ns
     again = build_testbed(tmp_path / "tb", seed=1, progress=False)  # complete, same seed: reused
     assert (again.aligned / "model.safetensors").stat().st_mtime_ns == stamp
-    assert Testbed.load(tmp_path / "tb").manifest["seed"] == 1
+    assert _Testbed.load(tmp_path / "tb").manifest["seed"] == 1
     with pytest.raises(OutputExistsError):
         build_testbed(tmp_path / "tb", seed=2, progress=False)
     (tmp_path / "other").mkdir()
     with pytest.raises(OutputExistsError):
         build_testbed(tmp_path / "other", progress=False)
     with pytest.raises(InputNotFoundError):
-        Testbed.load(tmp_path / "other")
+        _Testbed.load(tmp_path / "other")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
