@@ -127,12 +127,14 @@ def write_chart(rows: list[DemoRow], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    for r in points:
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(points, 1):
         x, y = 100 * float(r.task_accuracy), 100 * float(r.harmful_score)  # type: ignore[arg-type]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(f"{r.stage}" if r.stage == r.method else f"{r.stage} ({r.method})", (x, y),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+        label = r.stage if r.stage == r.method else f"{r.stage} ({r.method})"
+        ax.scatter([x], [y], s=45, color=cmap((i - 1) % 20), label=f"{i}. {label}", zorder=3)
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     ax.set_xlabel("task accuracy FA (%)  (higher is better)")
     ax.set_ylabel("harmful score HS (%)  (lower is safer)")
     ax.set_xlim(-5, 105)
