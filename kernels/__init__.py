@@ -2,7 +2,9 @@
 
 Every op module `surgery.kernels.<op>` exposes `<op>_reference` (plain PyTorch,
 fp32 math, the source of truth) and `<op>`, which dispatches to Triton for CUDA
-tensors and to the reference for CPU tensors. Set `SURGERY_FORCE_TRITON=1`
+tensors and to the reference for CPU tensors, except `topk_mask` and `wanda_prune_`,
+whose CPU tensors take `_select_cpu`, a sort-free exact path that gives the reference's
+mask element for element (see `surgery.kernels.topk_mask`). Set `SURGERY_FORCE_TRITON=1`
 together with `TRITON_INTERPRET=1` (before Triton is imported) to run the Triton
 code on CPU (the tests do). This package imports nothing else from the project.
 

@@ -1,0 +1,158 @@
+"""The CPU selection path (`_select_cpu`, `_wanda_prune_cpu`) equals the sort reference exactly.
+
+The dispatchers send CPU tensors there (this directory forces Triton, so each test turns
+the switch off). Blocks are shrunk so that every case spans several row blocks and, for
+scope="tensor", ties straddle block boundaries.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from surgery.kernels.topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
+
+tm = sys.modules["surgery.kernels.topk_mask"]  # the package re-exports `topk_mask` under the module's name
+
+SHAPES = [(1, 1), (1, 37), (37, 1), (5, 17), (7, 64), (3, 2, 33), (13, 130)]
+KINDS = ["random", "ties", "signed_zero", "inf_nan", "constant"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(monkeypatch):
+    monkeypatch.setenv("SURGERY_FORCE_TRITON", "0")
+    monkeypatch.setattr(tm, "_CPU_BLOCK", 64)
+
+
+def make(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
+    if kind == "random":
+        return torch.randn(shape, generator=gen)
+    x = torch.randint(-3, 4, shape, generator=gen).float()
+    if kind == "ties":
+        return x
+    if kind == "signed_zero":  # -0.0 and +0.0 mixed with a few small integers
+        zero = torch.where(torch.rand(shape, generator=gen) < 0.5, -0.0, 0.0)
+        return torch.where(x.abs() <= 1, zero, x)
+    if kind == "inf_nan":
+        x = torch.where(x == 3, float("nan"), x)
+        x = torch.where(x == -3, float("-inf"), x)
+        x = torch.where(x == 2, float("inf"), x)
+        return torch.where(x == -2, -0.0, x)
+    return torch.zeros(shape)
+
+
+def counts(n: int) -> list[int]:
+    return sorted({0, 1, max(n - 1, 0), n, n // 2, n // 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_mask_equals_reference(shape, kind, dtype, gen):
+    x = make(kind, shape, gen).to(dtype)
+    for scope in ("row", "tensor"):
+        n = x.shape[-1] if scope == "row" else x.numel()
+        for k in counts(n):
+            for largest in (True, False):
+                ref = topk_mask_reference(x, 0.0, largest, scope, k=k)
+                got = topk_mask(x, 0.0, largest, scope, k=k)
+                assert torch.equal(got, ref), (scope, k, largest)
+                out = torch.empty(x.shape, dtype=torch.bool)
+                assert topk_mask(x, 0.0, largest, scope, k=k, out=out) is out
+                assert torch.equal(out, ref), (scope, k, largest, "out=")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_ratio_count_and_input_untouched(ratio, gen):
+    x = torch.randint(0, 5, (9, 31), generator=gen).to(torch.bfloat16)
+    before = x.clone()
+    for scope in ("row", "tensor"):
+        for largest in (True, False):
+            assert torch.equal(topk_mask(x, ratio, largest, scope), topk_mask_reference(x, ratio, largest, scope))
+    assert torch.equal(x, before)
+
+
+def test_non_contiguous_and_float64(gen):
+    x = torch.randint(0, 4, (40, 23), generator=gen).double().t()  # rounding to fp32 as the reference does
+    for scope in ("row", "tensor"):
+        for largest in (True, False):
+            assert torch.equal(topk_mask(x, 0.3, largest, scope), topk_mask_reference(x, 0.3, largest, scope))
+
+
+def test_empty():
+    for shape in [(0, 5), (4, 0)]:
+        x = torch.empty(shape)
+        for scope in ("row", "tensor"):
+            got = topk_mask(x, 0.5, True, scope)
+            assert got.shape == x.shape and got.dtype == torch.bool
+            if shape == (0, 5) or scope == "tensor":  # the reference cannot reshape (4, 0) per row
+                assert torch.equal(got, topk_mask_reference(x, 0.5, True, scope))
+
+
+@pytest.mark.parametrize("block", [1, 64, 1 << 19])
+def test_block_size_does_not_matter(block, monkeypatch, gen):
+    monkeypatch.setattr(tm, "_CPU_BLOCK", block)
+    x = torch.randint(0, 3, (17, 29), generator=gen).float()
+    for scope in ("row", "tensor"):
+        for k in (1, 7, 28 if scope == "row" else 400):
+            for largest in (True, False):
+                assert torch.equal(topk_mask(x, 0, largest, scope, k=k), topk_mask_reference(x, 0, largest, scope, k=k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "ties", "signed_zero", "nan_norm"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 41), (41, 1), (6, 19), (19, 70)])
+def test_wanda_prune_equals_reference(shape, kind, dtype, gen):
+    if kind == "random":
+        W = torch.randn(shape, generator=gen)
+        s = torch.rand(shape[1], generator=gen) * 4
+    else:  # integer weights and norms: many equal scores within and across rows
+        W = torch.randint(-2, 3, shape, generator=gen).float()
+        s = torch.randint(0, 3, (shape[1],), generator=gen).float() ** 2
+        if kind == "signed_zero":
+            W = torch.where(W == 0, torch.where(torch.rand(shape, generator=gen) < 0.5, -0.0, 0.0), W)
+        if kind == "nan_norm":  # a negative norm gives NaN scores in a whole column
+            s[0] = -1.0
+    W = W.to(dtype)
+    for scope in ("row", "tensor"):
+        n = shape[1] if scope == "row" else W.numel()
+        for k in counts(n):
+            for largest in (True, False):
+                ref = wanda_prune_reference_(W.clone(), s, 0.0, largest, scope, k=k)
+                got = W.clone()
+                assert wanda_prune_(got, s, 0.0, largest, scope, k=k) is got
+                assert got.dtype == dtype
+                # bitwise: the kept weights keep their exact bits, zeros are +0 as masked_fill_ writes
+                assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                   ref.view(torch.int16 if dtype != torch.float32 else torch.int32)), (scope, k, largest)
+
+
+def test_wanda_prune_non_contiguous_view(gen):
+    base = torch.randn(30, 24, generator=gen).to(torch.bfloat16)
+    s = torch.rand(30, generator=gen)
+    for largest in (True, False):
+        got = base.clone()
+        ref = base.clone()
+        wanda_prune_(got.t(), s, 0.25, largest, "row")
+        wanda_prune_reference_(ref.t(), s, 0.25, largest, "row")
+        assert torch.equal(got, ref)
+
+
+def test_dispatch_takes_the_cpu_path(monkeypatch, gen):
+    """CPU tensors never reach the sort: the reference is not called."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the CPU path called torch.sort")
+
+    x = torch.randn(8, 50, generator=gen)
+    ref = topk_mask_reference(x, 0.1, True, "row")
+    W = torch.randn(8, 50, generator=gen)
+    s = torch.rand(50, generator=gen)
+    W_ref = wanda_prune_reference_(W.clone(), s, 0.5)
+    monkeypatch.setattr(torch, "sort", boom)
+    assert torch.equal(topk_mask(x, 0.1, True, "row"), ref)
+    assert torch.equal(wanda_prune_(W, s, 0.5), W_ref)
+    for scope in ("row", "tensor"):
+        topk_mask(x, 0.3, False, scope)
