@@ -51,6 +51,7 @@ __all__ = ["antidote", "antidote_count", "antidote_mask", "antidote_prune_", "DE
 
 DEFAULT_RATIO = 0.1  # the reference's argparse default; its scripts use 0.1 (SST2), 0.05, 0.02, 0.01
 REPORT_NAME = "antidote_report.json"
+_ROW_BLOCK = 1 << 20  # elements per row block of the delta-aware edit's temporaries
 
 
 def antidote_count(n: int, ratio: float) -> int:
@@ -94,11 +95,25 @@ def _restore_edit(ratio: float, scope: str, aligned: Checkpoint):
                                 "fine-tuned from")
         if tuple(aligned.info(name).shape) != tuple(W.shape):
             raise MismatchError(f"{name}: aligned shape {list(aligned.info(name).shape)} differs from {list(W.shape)}")
-        W_al = aligned.get(name).to(W.device, torch.float32)
+        W_al = aligned.get(name).to(W.device)  # stored dtype: no full-size fp32 copy
+        s = st.sq_norms.to(W.device)
         k, groups = _k(W.shape, ratio, scope)
-        mask = antidote_mask(W - W_al, st.sq_norms.to(W.device), ratio, scope)
-        changed = int((mask & (W != W_al)).sum())
-        torch.where(mask, W_al, W, out=W)
+        if scope != "row":  # one threshold over the whole tensor
+            W_al = W_al.to(torch.float32)
+            mask = antidote_mask(W - W_al, s, ratio, scope)
+            changed = int((mask & (W != W_al)).sum())
+            torch.where(mask, W_al, W, out=W)
+            return TensorChange(name, list(W.shape), k * groups, changed)
+        # Per row, rows are independent: work in row blocks so the fp32 delta, score and mask
+        # temporaries stay a small fraction of the tensor. The aligned values are cast per block
+        # (exact), so the result is the same as on the whole tensor.
+        changed = 0
+        step = max(1, _ROW_BLOCK // max(W.shape[1], 1))
+        for r0 in range(0, W.shape[0], step):
+            w, al = W[r0 : r0 + step], W_al[r0 : r0 + step].to(torch.float32)
+            mask = antidote_mask(w - al, s, ratio, scope)
+            changed += int((mask & (w != al)).sum())
+            torch.where(mask, al, w, out=w)
         return TensorChange(name, list(W.shape), k * groups, changed)
 
     return edit

@@ -8,9 +8,11 @@ then pruned and re-run, and the next layer is calibrated on the pruned outputs.
 
 `layer_surgery` is that flow as a reusable driver: `surgery.calib.layerwise` runs one
 decoder layer at a time from the checkpoint; an `edit` function changes each target
-weight in fp32 in place; edited weights are cast back to the checkpoint's dtype and
+weight in fp32 in place; edited weights are cast back to the checkpoint's dtype (exact:
+an edit only zeroes entries or writes values read from a checkpoint of that dtype) and
 streamed into a `CheckpointWriter` as soon as their layer is done; every other tensor is
-copied unchanged. Memory is about one decoder layer plus the activation cache.
+written exactly as read, with no fp32 round trip. Memory is about one decoder layer plus
+the activation cache. On CPU the masks come from the sort-free `surgery.kernels` path.
 """
 
 from __future__ import annotations
