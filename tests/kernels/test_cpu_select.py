@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from surgery.kernels.topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
 
 tm = sys.modules["surgery.kernels.topk_mask"]  # the package re-exports `topk_mask` under the module's name
