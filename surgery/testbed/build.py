@@ -41,7 +41,7 @@ class Recipe:
     pretrain_lr: float = 3e-3
     align_epochs: float = 10
     align_lr: float = 1e-3
-    ft_epochs: float = 15
+    ft_epochs: float = 20
     ft_lr: float = 1e-3
     batch_size: int = 16
     ratio: float = 0.1
@@ -49,7 +49,7 @@ class Recipe:
     lora_alpha: int = 16
 
 
-DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES, pretrain_epochs=8, ft_epochs=12)
+DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES, pretrain_epochs=8, ft_epochs=15)
 QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
 
 
