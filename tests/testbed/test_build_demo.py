@@ -91,19 +91,3 @@ def test_demo_driver_reports_failures_and_writes_results(quick_testbed, tmp_path
     doc = json.loads(report.results_path.read_text())
     assert doc["rows"][1]["harmful_score"] == 0.5 and doc["failures"] == ["fakebad"]
     assert report.chart_path is not None and report.chart_path.read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.slow
-def test_demo_cli_baseline_rows(quick_testbed, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    from surgery.cli.main import main
-
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "-o", str(tmp_path / "d"), "--quick", "--testbed", str(quick_testbed.root), "--only", "baseline",
-              "--json"])
-    assert info.value.code == 0
-    doc = json.loads(capsys.readouterr().out)
-    stages = [r["stage"] for r in doc["rows"]]
-    assert stages == ["base", "aligned", "attacked", "benign-ft"]
-    assert (tmp_path / "d" / "results.json").is_file() and (tmp_path / "d" / "hs_vs_fa.png").is_file()
-    assert all(set(r) >= {"stage", "method", "harmful_score", "task_accuracy", "over_refusal", "seconds", "note",
-                          "extra"} for r in doc["rows"])
