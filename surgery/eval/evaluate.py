@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def load_for_eval(model_dir: PathLike, adapter: PathLike | None = None, device: 
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(apath)).merge_and_unload()
+            with warnings.catch_warnings():  # peft's deprecation noise from transformers
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, str(apath)).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as exc:
             raise MismatchError(f"adapter {apath} does not fit model {path}: {str(exc).splitlines()[0]}") from None
     model.to(dev)
