@@ -8,6 +8,7 @@ own subprocess so that peak RSS is that path's alone:
   row): layer-by-layer calibration from the checkpoint, score, mask, stream the output.
   The per-tensor edit is timed as scoring (`wanda_score`) and masking (`topk_mask` with
   Antidote's count, then the zeroing) separately; I/O is checkpoint reads plus writes.
+  On a CPU `topk_mask` takes the sort-free `_select_cpu` path (same mask as the sort).
 - reference: the load-the-whole-model path the published code takes:
   `from_pretrained` in fp32, capture layer 0's inputs, then per layer: hooks, forward,
   `torch.sort(stable=True)` per row, zero, re-run, and `save_pretrained` in bf16.
