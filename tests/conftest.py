@@ -9,7 +9,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Kernel tests run the Triton code on CPU through the interpreter, which must be switched on
+# before triton is first imported (any test module may import it through surgery.methods).
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
