@@ -376,7 +376,8 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
                            "template tokens, so pick a later layer or another --pos")
     if not kept:
         raise SurgeryError(f"every candidate direction was filtered out (KL limit {kl_limit}, layers < "
-                           f"{max_layer_fraction} L{', steering score >= 0' if steering_filter else ''}): raise "
+                           f"{max_layer_fraction} L{', steering score >= 0' if steering_filter else ''}; "
+                           f"{_discard_summary(cands)}): raise "
                            f"--kl-limit, {'drop --steering-filter, ' if steering_filter else ''}"
                            "or pick one with --layer")
     best = min(kept, key=lambda c: (c["refusal_score"], -c["pos"], c["layer"]))
@@ -384,6 +385,22 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
     return Selection(layer=best["layer"], pos=best["pos"], direction=(diff / diff.norm()).float(),
                      mean_diff=diff.float(), n_pos=n_pos, n_layers=L, baseline_refusal=baseline,
                      ablated_refusal=best["refusal_score"], harmless_kl=best["kl"], candidates=cands)
+
+
+def _discard_summary(cands: Sequence[dict[str, Any]], limit: int = 6) -> str:
+    """Why each candidate was dropped, lowest harmless KL first, e.g. "layer 1 pos -1: harmless KL 0.242"."""
+    scored = sorted((c for c in cands if "kl" in c), key=lambda c: (not math.isfinite(c["kl"]), c["kl"]))
+    parts = [f"layer {c['layer']} pos {c['pos']}: harmless KL {c['kl']:.3g}"
+             f"{', steering score ' + format(c['steering_score'], '.3g') if c.get('discarded', '').startswith('steering') else ''}"
+             for c in scored[:limit]]
+    if len(scored) > limit:
+        parts.append(f"{len(scored) - limit} more scored")
+    other: dict[str, int] = {}
+    for c in cands:
+        if "kl" not in c:
+            other[c.get("discarded", "no score")] = other.get(c.get("discarded", "no score"), 0) + 1
+    parts += [f"{n} with {why}" for why, n in other.items()]
+    return "; ".join(parts) or "no candidates"
 
 
 # --- weight edits (pure tensor functions) ----------------------------------------------------

@@ -7,8 +7,14 @@ Settings (defaults of the commands, not tuned on the testbed):
 - refusal direction: harmful = `harmful_train.jsonl` prompts, harmless = `utility.jsonl`
   prompts (instruction-style benign requests, as Alpaca is in the paper; `harmless.jsonl`
   holds only questions, whose difference of means mostly encodes the question form: its
-  only candidate exceeds the KL limit there and is rejected), automatic selection, KL
-  limit 0.1. The same direction is then added (coeff 1) to the attacked model (merged);
+  only candidate exceeds the KL limit there and is rejected), `--layer 1` given explicitly.
+  Why not automatic selection: the testbed model has 2 layers and a 1-token post-instruction
+  template, so layer 0's difference of means is exactly zero and layer 1 is the only
+  candidate; on the final quick testbed (seed 0) its harmless KL is 0.24, above the default
+  limit 0.1, so `--layer auto` exits with "every candidate direction was filtered out". The
+  method's defaults stay as they are for users; the row passes the one candidate there is
+  and reports its KL in the note. The same direction is then added (coeff 1) to the
+  attacked model (merged);
 - ROME: "where can i see a cake" answered with a new place, on the aligned model, C from
   `utility.jsonl`; a second row with C = I, locality measured on the same prompts.
 """
@@ -22,6 +28,8 @@ ORDER = 100
 ROME_PROMPT = "<|user|> where can i see a {} <|assistant|> you can see a cake in the"
 ROME_SUBJECT = "cake"
 ROME_TARGET = "forest"
+# The testbed's only non-zero refusal-direction candidate (see the module docstring).
+DIRECTION_LAYER = 1
 
 
 def finetune_rows(ctx: DemoContext) -> list[DemoRow]:
@@ -67,13 +75,14 @@ def direction_rows(ctx: DemoContext) -> list[DemoRow]:
     abl = ctx.path("direction-ablated")
     with ctx.timer() as t:
         res = refusal_direction_edit(tb.aligned, abl, mode="ablate", harmful=harmful, harmless=harmless,
-                                     seed=ctx.seed, force=True, progress=False)
+                                     layer=DIRECTION_LAYER, seed=ctx.seed, force=True, progress=False)
     ev = ctx.evaluate(abl)
     rows = [DemoRow.from_eval(
         "aligned, direction ablated", "edit direction ablate", ev, seconds=t["seconds"],
-        note=f"layer {res.layer} pos {res.pos}; refusal score {res.baseline_refusal:.2f}->{res.ablated_refusal:.2f}, "
-             f"harmless KL {res.harmless_kl:.3f}",
-        layer=res.layer, pos=res.pos, baseline_refusal=res.baseline_refusal, ablated_refusal=res.ablated_refusal,
+        note=f"--layer {res.layer} explicit (2-layer model: layer 0 diff is zero, auto selection rejects layer "
+             f"{res.layer} at KL limit 0.1), pos {res.pos}; refusal score {res.baseline_refusal:.2f}->"
+             f"{res.ablated_refusal:.2f}, harmless KL {_fmt(res.harmless_kl)}",
+        layer=res.layer, pos=res.pos, layer_explicit=True, baseline_refusal=res.baseline_refusal, ablated_refusal=res.ablated_refusal,
         harmless_kl=res.harmless_kl)]
     merged = ctx.path("direction-attacked-merged")
     merge_adapter(tb.aligned, tb.attacked, merged, force=True)
@@ -112,6 +121,27 @@ def rome_rows(ctx: DemoContext) -> list[DemoRow]:
     return rows
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _failed(name: str, exc: BaseException) -> DemoRow:
+    """A row that says which attack failed and why, so the other attacks still report."""
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return DemoRow(stage=f"attacks: {name}", method=name, note=f"failed: {type(exc).__name__}: {exc}"[:300],
+                   extra={"error": True, "traceback": tb[-4000:]})
+
+
 def rows(ctx: DemoContext) -> list[DemoRow]:
-    """All attack rows: fine-tuning, refusal direction, ROME."""
-    return finetune_rows(ctx) + direction_rows(ctx) + rome_rows(ctx)
+    """All attack rows: fine-tuning, refusal direction, ROME. Each group runs on its own: one that
+    raises becomes a failed row (note "failed: ...", extra["error"]) and the others still run."""
+    out: list[DemoRow] = []
+    for name, group in (("attack finetune", finetune_rows), ("edit direction", direction_rows),
+                        ("edit rome", rome_rows)):
+        try:
+            out += group(ctx)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other attacks
+            out.append(_failed(name, exc))
+    return out

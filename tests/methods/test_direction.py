@@ -262,7 +262,35 @@ def test_testbed_ablation_raises_and_addition_lowers_harmful_score(quick_testbed
     attacked = ctx.evaluate(quick_testbed.aligned, adapter=quick_testbed.attacked)
     assert ablated.harmful_score > aligned.harmful_score + 0.2
     assert added.harmful_score < attacked.harmful_score - 0.2
-    assert ablated.extra["harmless_kl"] <= 0.1 and ablated.extra["ablated_refusal"] < ablated.extra["baseline_refusal"]
+    # the row passes --layer 1 explicitly (2 layers: layer 0's difference is zero, the default KL limit
+    # filters layer 1), so the KL is reported, not bounded by the limit
+    assert ablated.extra["layer"] == 1 and ablated.extra["layer_explicit"]
+    assert ablated.extra["harmless_kl"] is not None and ablated.extra["ablated_refusal"] < ablated.extra["baseline_refusal"]
+
+
+def test_filtered_out_error_names_each_candidate_kl(tiny: Path, tmp_path: Path) -> None:
+    """When selection keeps nothing, the message says what each candidate scored, so the user can choose."""
+    with pytest.raises(SurgeryError, match=r"filtered out .*layer [12] pos -1: harmless KL [0-9.e-]+.*1 with zero "
+                                           r"difference.*--kl-limit") as exc:
+        refusal_direction_edit(tiny, tmp_path / "x", mode="ablate", harmful=HARMFUL, harmless=HARMLESS,
+                               kl_limit=0.0, progress=False)
+    assert "layer 1 pos -1: harmless KL" in str(exc.value) and "layer 2 pos -1: harmless KL" in str(exc.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_attack_rows_go_on_when_one_group_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.testbed import demo_attacks
+    from surgery.testbed.demo_api import DemoRow
+
+    def boom(ctx):
+        raise SurgeryError("every candidate direction was filtered out")
+
+    monkeypatch.setattr(demo_attacks, "finetune_rows", lambda ctx: [DemoRow("ft", "attack finetune p=0.1")])
+    monkeypatch.setattr(demo_attacks, "direction_rows", boom)
+    monkeypatch.setattr(demo_attacks, "rome_rows", lambda ctx: [DemoRow("rome", "edit rome")])
+    rows = demo_attacks.rows(None)
+    assert [r.method for r in rows] == ["attack finetune p=0.1", "edit direction", "edit rome"]
+    assert rows[1].extra["error"] and rows[1].note.startswith("failed: SurgeryError: every candidate")
 
 
 def test_same_inputs_same_bytes(tiny: Path, tmp_path: Path) -> None:
