@@ -29,11 +29,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import FLOOR_SCRIPT, cpu_model, machine_name, measure_rss, warm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIO = 0.1
@@ -198,56 +199,6 @@ t["save"], c["save"] = time.perf_counter() - t0, time.process_time() - c0
 print(json.dumps({**t, **{k + "_cpu": v for k, v in c.items()}}))
 """
 
-FLOOR_SCRIPT = """
-import sys, shutil
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-base, out = Path(sys.argv[1]), Path(sys.argv[2])
-out.mkdir()
-for shard in sorted(base.glob("*.safetensors")):
-    tensors = load_file(str(shard))
-    save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
-    del tensors
-for extra in ("config.json", "model.safetensors.index.json"):
-    if (base / extra).exists():
-        shutil.copy(base / extra, out / extra)
-"""
-
-
-def machine_name() -> str:
-    return f"{platform.machine()}-{os.cpu_count()}cpu"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def measure_rss(cmd: list[str]) -> dict:
-    """Wall time, peak RSS (wait4: the child alone), CPU time and the child's last stdout line (JSON)."""
-    env = {**os.environ, "SURGERY_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false"}
-    out_file = tempfile.TemporaryFile()
-    err_file = tempfile.TemporaryFile()
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    out_file.seek(0)
-    err_file.seek(0)
-    if code != 0:
-        raise RuntimeError(f"{cmd[:4]} failed ({code}): {err_file.read().decode(errors='replace')[-3000:]}")
-    lines = out_file.read().decode().strip().splitlines()
-    detail = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "detail": detail}
-
-
 def compare(a: Path, b: Path) -> dict:
     """Entries that differ between the two outputs, and the share of zeros in the surgery output's Linears."""
     import torch
@@ -261,14 +212,6 @@ def compare(a: Path, b: Path) -> dict:
         differ += int((u != v).sum())
         total += u.numel()
     return {"differing_entries": differ, "entries": total, "dtype": str(torch.bfloat16)}
-
-
-def warm(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with f.open("rb") as handle:
-                while handle.read(1 << 24):
-                    pass
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 # The parent stays lean (no torch) so that children forked from it start small: a
 # child's peak RSS as wait4 reports it includes what it inherited before exec.
+from _common import FLOOR_SCRIPT, cpu_model, machine_name, measure_rss, warm  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,36 +45,6 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
-
-FLOOR_SCRIPT = """
-import sys, shutil
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-base, out = Path(sys.argv[1]), Path(sys.argv[2])
-out.mkdir()
-for shard in sorted(base.glob("*.safetensors")):
-    tensors = load_file(str(shard))
-    save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
-    del tensors
-for extra in ("config.json", "model.safetensors.index.json"):
-    if (base / extra).exists():
-        shutil.copy(base / extra, out / extra)
-"""
-
-
-def machine_name() -> str:
-    return f"{platform.machine()}-{os.cpu_count()}cpu"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def build_inputs(root: Path, layers: int, seed: int) -> tuple[Path, Path, dict]:
     """A Llama-shaped bf16 checkpoint (streamed to disk, sharded at 500 MB) and an r=16 adapter."""
@@ -119,30 +91,6 @@ def build_inputs(root: Path, layers: int, seed: int) -> tuple[Path, Path, dict]:
         "adapter_bytes": sum(t.numel() * 4 for t in tensors.values()),
     }
     return base, adapter, info
-
-
-def measure(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one subprocess (RSS from wait4, the child alone)."""
-    env = {**os.environ, "SURGERY_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {stderr[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
-
-
-def warm(path: Path) -> None:
-    """Read the inputs once so every path starts from the same (warm) page cache."""
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with f.open("rb") as handle:
-                while handle.read(1 << 24):
-                    pass
 
 
 def check_same(a: Path, b: Path) -> float:
@@ -203,7 +151,7 @@ def main() -> None:
             for name in order[i % 3:] + order[: i % 3]:  # rotate, so no path always runs first
                 out = root / f"out-{name}-{i}"
                 os.sync()  # every path starts without the previous one's dirty pages to write back
-                runs[name].append(measure(paths[name](out)))
+                runs[name].append(measure_rss(paths[name](out), with_detail=False))
                 print(name, runs[name][-1], flush=True)
                 # outputs stay until the end: deleting 1 GB between runs makes the file system
                 # discard blocks while the next path writes, which slowed whichever came next

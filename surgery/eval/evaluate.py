@@ -98,14 +98,18 @@ def evaluate_loaded(model: Any, tokenizer: Any, *, harmful: PathLike | Sequence[
         return generate(model, tokenizer, _prompts(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
                         chat_template=chat_template, progress=progress)
 
+    def judged(name: str, rows: list[dict]) -> list[bool]:
+        """Generate for `rows`, judge refusals, record the generations of set `name`."""
+        answers = gen(rows)
+        refused = judge.refusals(_prompts(rows), answers)
+        res.counts[name] = len(rows)
+        res.generations += [{"set": name, "prompt": r["prompt"], "answer": a, "refusal": f}
+                            for r, a, f in zip(rows, answers, refused, strict=True)]
+        return refused
+
     h = rows_of(harmful, ("prompt",))
     if h:
-        answers = gen(h)
-        refused = judge.refusals(_prompts(h), answers)
-        res.harmful_score = harmful_score(refused)
-        res.counts["harmful"] = len(h)
-        res.generations += [{"set": "harmful", "prompt": r["prompt"], "answer": a, "refusal": f}
-                            for r, a, f in zip(h, answers, refused, strict=True)]
+        res.harmful_score = harmful_score(judged("harmful", h))
     t = rows_of(task, ("prompt", "answer"))
     if t:
         answers = gen(t)
@@ -116,12 +120,7 @@ def evaluate_loaded(model: Any, tokenizer: Any, *, harmful: PathLike | Sequence[
                             for r, a in zip(t, answers, strict=True)]
     b = rows_of(benign, ("prompt",))
     if b:
-        answers = gen(b)
-        refused = judge.refusals(_prompts(b), answers)
-        res.over_refusal = over_refusal(refused)
-        res.counts["benign"] = len(b)
-        res.generations += [{"set": "benign", "prompt": r["prompt"], "answer": a, "refusal": f}
-                            for r, a, f in zip(b, answers, refused, strict=True)]
+        res.over_refusal = over_refusal(judged("benign", b))
     hl = rows_of(harmless, ("prompt",))
     if hl and kl_reference is not None:
         ref = kl_reference

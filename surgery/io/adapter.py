@@ -494,3 +494,29 @@ def write_adapter(
         for name, t in tensors.items():
             writer.write(name, t)
     return out
+
+
+def rewrite_adapter(
+    adapter: LoraAdapter,
+    out: str | Path,
+    replaced: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `adapter` to `out` with the tensors in `replaced` swapped in, atomically.
+
+    The config is kept; tensors not replaced are streamed from the input one at a time,
+    so a repair that changes a few lora_B (SafeLoRA, SaLoRA, Antidote) never holds the
+    whole adapter. `extra_files` (e.g. a report) land in the same atomic directory.
+    """
+    from surgery.io.writer import CheckpointWriter, TensorSpec
+
+    names = adapter.names()
+    specs = [TensorSpec.like(n, replaced[n] if n in replaced else adapter.info(n)) for n in names]
+    extra = {CONFIG_NAME: json.dumps(adapter.config, indent=2, sort_keys=True) + "\n", **dict(extra_files or {})}
+    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=dict(metadata or {}), force=force,
+                          weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
+        for n in names:
+            writer.write(n, replaced[n] if n in replaced else adapter.get(n))
+    return Path(out)

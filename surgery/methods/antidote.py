@@ -32,7 +32,7 @@ from surgery.calib.data import Sample, calibration_samples
 from surgery.calib.layerwise import LayerContext, calibrate_layerwise
 from surgery.calib.stats import LinearStats
 from surgery.errors import MismatchError, SurgeryError
-from surgery.io.adapter import LoraAdapter
+from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
@@ -244,10 +244,10 @@ def _antidote_adapter(
         raise SurgeryError(f"LoRA module {missing[0]} is not inside a decoder layer; only decoder-layer LoRA is supported")
     t0 = time.perf_counter()
     if not dry_run:
-        tensors = {key: new.get(key, adapter.get(key)) for key in adapter.names()}
         meta = provenance("antidote-adapter", params, {"model": ckpt, "adapter": adapter, **inputs})
         report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
-        _write_adapter_with_report(out, adapter, tensors, meta, force, report)
+        rewrite_adapter(adapter, out, new, meta, force,
+                        extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"})
     report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
     return report
 
@@ -257,20 +257,3 @@ def _seconds(timings: dict[str, float], edit: float, write: float, start: float)
             "io": timings.get("read", 0.0) + write, "total": time.perf_counter() - start}
 
 
-def _write_adapter_with_report(out: str | Path, adapter: LoraAdapter, tensors: dict[str, torch.Tensor],
-                               meta: dict[str, str], force: bool, report: SurgeryReport) -> None:
-    """Write the adapter (config and weights as peft saves them) plus the report, atomically.
-
-    Like `surgery.io.adapter.write_adapter`, with the report inside the same atomic directory."""
-    from surgery.io.adapter import CONFIG_NAME, WEIGHTS_NAME
-    from surgery.io.writer import CheckpointWriter, TensorSpec
-
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    extra: dict[str, str] = {
-        CONFIG_NAME: json.dumps(adapter.config, indent=2, sort_keys=True) + "\n",
-        REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n",
-    }
-    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force, weights_name=WEIGHTS_NAME,
-                          extra_files=extra) as writer:
-        for name, t in tensors.items():
-            writer.write(name, t)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from surgery.errors import DataError, InputNotFoundError, SurgeryError
+from surgery.io.jsonl import read_jsonl
 from surgery.methods.direction import Layout, load_model, module, residual_layout
 
 REPORT_FILE = "surgery_edit.json"
@@ -261,31 +262,15 @@ def rome_vectors(W: torch.Tensor, k: torch.Tensor, v_star: torch.Tensor,
 
 def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Texts of a JSONL corpus: "text", else "prompt" + " " + "response", else "prompt", per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path} does not exist: give a JSONL file with text (or prompt/response) fields")
     texts: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            if isinstance(row.get("text"), str):
-                texts.append(row["text"])
-            elif isinstance(row.get("prompt"), str):
-                resp = row.get("response")
-                texts.append(row["prompt"] + (" " + resp if isinstance(resp, str) else ""))
-            else:
-                raise DataError(f"{path}:{lineno}: needs a string 'text' or 'prompt' field")
-            if limit is not None and len(texts) >= limit:
-                break
-    if not texts:
-        raise DataError(f"{path} holds no texts")
+    for lineno, row in enumerate(read_jsonl(path, (), limit), 1):
+        if isinstance(row.get("text"), str):
+            texts.append(row["text"])
+        elif isinstance(row.get("prompt"), str):
+            resp = row.get("response")
+            texts.append(row["prompt"] + (" " + resp if isinstance(resp, str) else ""))
+        else:
+            raise DataError(f"{path}: record {lineno} needs a string 'text' or 'prompt' field")
     return texts
 
 

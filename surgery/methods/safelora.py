@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 from surgery.errors import MismatchError, SurgeryError
-from surgery.io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter
+from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
-from surgery.io.writer import CheckpointWriter, TensorSpec
 from surgery.kernels.safelora_project import safelora_project
 from surgery.progress import track
 
@@ -187,17 +186,7 @@ def safelora(
     params = {"mode": report.mode, "num_layers": num_layers, "threshold": threshold, "exact": exact,
               "projected": sorted(r.module for r in results if r.projected)}
     meta = provenance("safelora", params, {"adapter": lora, "base": base_ckpt, "aligned": aligned_ckpt})
-    names = lora.names()
-    specs = [TensorSpec.like(n, lora.info(n)) for n in names]
-    config = dict(lora.config)
-    report.seconds = time.perf_counter() - started
-    extra = {
-        CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
-        REPORT_NAME: _report_json(report.to_dict()),
-    }
-    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force,
-                          weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
-        for n in names:
-            writer.write(n, new_b[n] if n in replace else lora.get(n))
+    rewrite_adapter(lora, out, {n: new_b[n] for n in replace}, meta, force,
+                    extra_files={REPORT_NAME: _report_json(report.to_dict())})
     report.seconds = time.perf_counter() - started
     return report

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from surgery.errors import InputNotFoundError, MismatchError, SurgeryError
-from surgery.io.adapter import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter
+from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
-from surgery.io.writer import CheckpointWriter, TensorSpec, write_tensors
+from surgery.io.writer import write_tensors
 from surgery.kernels.salora_project import salora_fold, salora_project
 from surgery.progress import track
 
@@ -287,15 +287,8 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
         raise MismatchError(f"no module of adapter {adapter} has a fitted U in {module}; "
                             f"the module covers {', '.join(sorted(Us)[:3])}...")
     meta = provenance("salora-apply", {"folded": report.folded}, {"adapter": lora, "module": Path(module)})
-    names = lora.names()
-    specs = [TensorSpec.like(n, lora.info(n)) for n in names]
-    report.seconds = time.perf_counter() - started
-    extra = {CONFIG_NAME: json.dumps(dict(lora.config), indent=2, sort_keys=True) + "\n",
-             REPORT_NAME: _report_json(report.to_dict())}
-    with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=meta, force=force,
-                          weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
-        for n in names:
-            writer.write(n, new_b[n] if n in new_b else lora.get(n))
+    rewrite_adapter(lora, out, new_b, meta, force,
+                    extra_files={REPORT_NAME: _report_json(report.to_dict())})
     report.seconds = time.perf_counter() - started
     return report
 
