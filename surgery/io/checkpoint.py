@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -109,6 +112,9 @@ class Checkpoint:
         self._infos = infos
         self._headers = headers
         self._handles: dict[Path, Any] = {}
+        self._data_start = {h.path: h.data_start for h in headers}
+        self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # read_into may run from several threads
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -258,8 +264,44 @@ class Checkpoint:
         tensor = handle.get_tensor(name)
         return tensor.to(device) if str(device) != "cpu" else tensor
 
+    def raw_location(self, name: str) -> tuple[Path, int] | None:
+        """File and absolute byte offset of a tensor's little-endian data, for byte-level
+        streaming (`read_into`, `CheckpointWriter.copy_raw`); None where the bytes are not
+        the tensor as stored (pickle checkpoints, a big-endian host)."""
+        info = self.info(name)
+        start = self._data_start.get(info.file)
+        if start is None or sys.byteorder != "little":
+            return None
+        return info.file, start + info.data_offsets[0]
+
+    def read_into(self, name: str, buffer: memoryview, offset: int = 0) -> None:
+        """Fill `buffer` with the tensor's stored bytes from byte `offset` on (pread(2), into
+        memory the caller reuses: no allocation and no page faults per read)."""
+        where = self.raw_location(name)
+        if where is None:
+            raise ValueError(f"{name}: raw reads need a safetensors file on a little-endian host")
+        info = self.info(name)
+        size = len(buffer) if buffer.ndim == 1 and buffer.itemsize == 1 else buffer.nbytes
+        if offset < 0 or offset + size > info.nbytes:
+            raise ValueError(f"{name}: bytes {offset}..{offset + size} lie outside its {info.nbytes} bytes")
+        with self._fds_lock:
+            fd = self._fds.get(where[0])
+            if fd is None:
+                fd = self._fds[where[0]] = os.open(where[0], os.O_RDONLY)
+        done = 0
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        while done < size:
+            got = os.preadv(fd, [view[done:]], where[1] + offset + done)
+            if got == 0:
+                raise CorruptFileError(f"{where[0]} ends inside tensor {name}; re-download or re-export it")
+            done += got
+
     def close(self) -> None:
         self._handles.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +132,9 @@ class CheckpointWriter:
         self._context = None
         self._tmp: Path | None = None
         self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
-        self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes written so far, per tensor
+        self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # write_bytes/copy_raw may run from several threads
         self.shards: list[str] = []
 
     def __enter__(self) -> CheckpointWriter:
@@ -155,27 +159,88 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (its dtype and shape must match the plan)."""
-        if name not in self._where:
-            raise KeyError(f"{name!r} is not in the write plan")
-        if name in self._written:
+        spec = self._spec(name)
+        if self._filled.get(name):
             raise ValueError(f"{name!r} was already written")
-        path, offset, spec = self._where[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(
                 f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        if spec.nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            with path.open("r+b") as handle:
-                handle.seek(offset)
-                handle.write(memoryview(data))
-        self._written.add(name)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._pwrite(name, 0, memoryview(data))
+        self._filled[name] = spec.nbytes
+
+    def write_bytes(self, name: str, offset: int, data: memoryview) -> None:
+        """Write part of a planned tensor: its raw bytes from byte `offset` on, so a tensor can
+        be produced a block at a time from buffers the caller reuses."""
+        spec = self._spec(name)
+        size = data.nbytes
+        if offset < 0 or offset + size > spec.nbytes:
+            raise ValueError(f"{name}: bytes {offset}..{offset + size} lie outside its {spec.nbytes} bytes")
+        self._pwrite(name, offset, data)
+        self._filled[name] = self._filled.get(name, 0) + size
+
+    def copy_raw(self, name: str, source: Path, source_offset: int) -> None:
+        """Copy a whole planned tensor's bytes from `source` at `source_offset` without
+        passing them through Python (copy_file_range(2); a plain copy where it is missing)."""
+        spec = self._spec(name)
+        if self._filled.get(name):
+            raise ValueError(f"{name!r} was already written")
+        path, offset, _ = self._where[name]
+        fd_out = self._fd(path)
+        fd_in = os.open(source, os.O_RDONLY)
+        try:
+            done = 0
+            while done < spec.nbytes:
+                count = spec.nbytes - done
+                if hasattr(os, "copy_file_range"):
+                    try:
+                        got = os.copy_file_range(fd_in, fd_out, count, source_offset + done, offset + done)
+                    except OSError:  # cross-device on old kernels, unsupported file systems
+                        got = os.pwrite(fd_out, os.pread(fd_in, min(count, 1 << 24), source_offset + done),
+                                        offset + done)
+                else:
+                    got = os.pwrite(fd_out, os.pread(fd_in, min(count, 1 << 24), source_offset + done),
+                                    offset + done)
+                if got == 0:
+                    raise OSError(f"{source} ends before the {spec.nbytes} bytes of {name}")
+                done += got
+        finally:
+            os.close(fd_in)
+        self._filled[name] = spec.nbytes
+
+    def _spec(self, name: str) -> TensorSpec:
+        if name not in self._where:
+            raise KeyError(f"{name!r} is not in the write plan")
+        return self._where[name][2]
+
+    def _fd(self, path: Path) -> int:
+        with self._fds_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_WRONLY)
+            return fd
+
+    def _pwrite(self, name: str, offset: int, data: memoryview) -> None:
+        path, start, _ = self._where[name]
+        fd = self._fd(path)
+        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + offset + done)
+
+    def _close_files(self) -> None:
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._context is not None and self._tmp is not None
+        self._close_files()
         if exc_type is None:
             try:
-                missing = [s.name for s in self.specs if s.name not in self._written]
+                missing = [s.name for s in self.specs if self._filled.get(s.name, 0) != s.nbytes]
                 if missing:
                     raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
                 self._finish(self._tmp)

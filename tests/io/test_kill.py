@@ -23,12 +23,14 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from surgery.io import writer
-    original = writer.CheckpointWriter.write
-    def slow(self, name, tensor):
-        original(self, name, tensor)
-        print("wrote", name, flush=True)
-        time.sleep(0.2)
-    writer.CheckpointWriter.write = slow
+    def slowed(original):
+        def slow(self, name, *args):
+            original(self, name, *args)
+            print("wrote", name, flush=True)
+            time.sleep(0.2)
+        return slow
+    for method in ("write", "write_bytes", "copy_raw"):  # every way a tensor's bytes reach the file
+        setattr(writer.CheckpointWriter, method, slowed(getattr(writer.CheckpointWriter, method)))
     from surgery.cli.main import main
     main(sys.argv[1:])
     """

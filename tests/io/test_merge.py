@@ -216,18 +216,39 @@ def test_nonfinite_refused_then_allowed(built, tmp_path):
 
 
 def test_streaming_reads_one_tensor_at_a_time(built, tmp_path, monkeypatch):
-    """The merge never holds more than one base tensor: each is read once, in storage order."""
+    """The merge never holds a whole shard: each base tensor's bytes are read exactly once
+    (whole, in blocks, or copied file to file)."""
+    from surgery.io.writer import CheckpointWriter
+
     base, adapter = _adapter(built, "llama")
-    reads: list[str] = []
-    original = Checkpoint.get
+    order: list[str] = []
+    bytes_read: dict[str, int] = {}
 
-    def spy(self, name, *args, **kwargs):
-        reads.append(name)
-        return original(self, name, *args, **kwargs)
+    def spy(cls, method, record):
+        original = getattr(cls, method)
 
-    monkeypatch.setattr(Checkpoint, "get", spy)
-    merge_adapter(base, adapter, tmp_path / "out")
-    assert reads == Checkpoint.open(base).names()
+        def wrapped(self, name, *args, **kwargs):
+            if name not in order:
+                order.append(name)
+            record(name, *args)
+            return original(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, wrapped)
+
+    def whole(name, *args):
+        bytes_read[name] = bytes_read.get(name, 0) + ckpt.info(name).nbytes
+
+    def part(name, buffer, *args):
+        bytes_read[name] = bytes_read.get(name, 0) + memoryview(buffer).nbytes
+
+    ckpt = Checkpoint.open(base)
+    spy(Checkpoint, "get", whole)
+    spy(Checkpoint, "read_into", part)
+    spy(CheckpointWriter, "copy_raw", whole)
+    report = merge_adapter(base, adapter, tmp_path / "out")
+    assert sorted(order) == sorted(ckpt.names())
+    assert bytes_read == {name: ckpt.info(name).nbytes for name in ckpt.names()}
+    assert report.merged  # the streamed path ran on the adapted weights
 
 
 def test_nan_in_adapter_is_refused(built, tmp_path):

@@ -125,3 +125,46 @@ def test_write_tensors_single_file(tmp_path):
     assert torch.equal(loaded["m"], tensors["m"]) and torch.equal(loaded["u"], tensors["u"])
     with pytest.raises(OutputExistsError):
         write_tensors(tmp_path / "mask.safetensors", tensors)
+
+
+def test_raw_copies_and_partial_writes_reproduce_the_source(tmp_path):
+    """copy_raw (file to file) and write_bytes of blocks read with read_into reproduce every
+    tensor exactly, in every dtype, across shard files (read back by safetensors)."""
+    tensors = _tensors()
+    src = _write(tmp_path / "src", tensors, 200).out  # sharded: raw offsets cross shard files
+    ckpt = Checkpoint.open(src)
+    specs = [TensorSpec.like(name, ckpt.info(name)) for name in ckpt.names()]
+    with CheckpointWriter(tmp_path / "out", specs, shard_size=150) as writer:
+        for i, name in enumerate(ckpt.names()):
+            nbytes = ckpt.info(name).nbytes
+            if i % 2:
+                writer.copy_raw(name, *ckpt.raw_location(name))
+                continue
+            buffer = bytearray(3)  # an odd block size: blocks end mid-element
+            for offset in range(0, nbytes, 3):
+                view = memoryview(buffer)[: min(3, nbytes - offset)]
+                ckpt.read_into(name, view, offset)
+                writer.write_bytes(name, offset, view)
+    out = Checkpoint.open(tmp_path / "out")
+    for name, expected in tensors.items():
+        got = out.get(name)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
+def test_partial_writes_are_bounded_and_must_complete(tmp_path):
+    spec = TensorSpec("w", torch.float32, (4,))
+    with pytest.raises(RuntimeError, match="never written"):
+        with CheckpointWriter(tmp_path / "out", [spec]) as writer:
+            writer.write_bytes("w", 0, memoryview(bytes(8)))  # half of its 16 bytes
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="outside"):
+        with CheckpointWriter(tmp_path / "out", [spec]) as writer:
+            writer.write_bytes("w", 12, memoryview(bytes(8)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_into_refuses_bytes_outside_the_tensor(tmp_path):
+    src = _write(tmp_path / "src", _tensors(), 10_000).out
+    ckpt = Checkpoint.open(src)
+    with pytest.raises(ValueError, match="outside"):
+        ckpt.read_into("a.weight", memoryview(bytearray(8)), 7 * 5 * 4 - 4)
