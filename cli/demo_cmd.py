@@ -17,9 +17,11 @@ from rich.table import Table
 @click.option("--only", multiple=True, help="Run only these row modules (demo_<name>.py names, repeatable).")
 @click.option("--testbed", "testbed_dir", type=click.Path(path_type=str),
               help="Use this prebuilt testbed (surgery testbed build) instead of building one under OUT.")
+@click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes for the row modules (1: all in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of the table.")
 def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbed_dir: str | None,
-                 as_json: bool) -> None:
+                 jobs: int, as_json: bool) -> None:
     """Build or reuse the testbed, run every attack and defense the toolkit has, score each.
 
     Prints stage/method, harmful score HS, task accuracy FA, over-refusal (percent) and
@@ -39,7 +41,7 @@ def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbe
             err.print(f"[dim]done {name}: {len(rows)} row(s)[/dim]")
 
     report = run_demo(out, quick=quick, seed=seed, only=list(only) or None, progress=not as_json, on_row=on_row,
-                        testbed=testbed_dir)
+                      testbed=testbed_dir, jobs=jobs)
     if as_json:
         sys.stdout.write(report.results_path.read_text())
         return

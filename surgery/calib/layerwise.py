@@ -25,6 +25,7 @@ compute dtype) and the per-layer keyword tensors.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,8 +161,14 @@ class ModelSkeleton:
         n = len(layers)
         model.layers = nn.ModuleList([_Recorder(i, i == n - 1, self.sink) for i in range(n)])
         self.model = model
-        # A plain embedding lookup is exact in any dtype: keep its table in the checkpoint's dtype
-        # (for a large vocabulary it outweighs a decoder layer in fp32) and cast what it returns.
+
+    def load_outer(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+        """Read the weights outside the decoder layers (embeddings, final norm).
+
+        A plain embedding lookup is exact in any dtype: its table stays in the checkpoint's
+        dtype (for a large vocabulary it outweighs a decoder layer in fp32) and what it
+        returns is cast."""
+        model = self.model
         keep = {"embed_tokens.weight"} if type(model.embed_tokens) is nn.Embedding else set()
         self._load(model, self.prefix, ckpt, device, dtype, keep=keep)
         if keep:
@@ -186,13 +193,18 @@ class ModelSkeleton:
             if name not in ckpt:
                 missing.append(name)
                 continue
-            t = ckpt.get(name)
-            if tuple(t.shape) != tuple(value.shape):
-                raise MismatchError(f"{name}: checkpoint shape {list(t.shape)}, config expects {list(value.shape)}")
+            info = ckpt.info(name)
+            if tuple(info.shape) != tuple(value.shape):
+                raise MismatchError(f"{name}: checkpoint shape {list(info.shape)}, config expects {list(value.shape)}")
+            stored = info.torch_dtype
             if dtypes is not None:
-                dtypes[name] = t.dtype
-            cast = t.is_floating_point() and not (keep and key in keep)
-            state[key] = t.to(device=device, dtype=dtype if cast else t.dtype)
+                dtypes[name] = stored
+            cast = stored.is_floating_point and not (keep and key in keep)
+            want = dtype if cast else stored
+            if device.type == "cpu" and want != stored and ckpt.raw_location(name) is not None:
+                state[key] = read_cast(ckpt, name, want)
+            else:
+                state[key] = ckpt.get(name).to(device=device, dtype=want)
         if missing:
             raise MismatchError(f"the checkpoint lacks {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                                 + "; does config.json match the weights?")
@@ -230,6 +242,29 @@ class ModelSkeleton:
         if hidden is None or len(per_layer) != len(self.layers):
             raise SurgeryError("the model did not call its decoder layers as expected; unsupported architecture")
         return hidden, per_layer
+
+
+_STAGING = threading.local()  # read_cast's reused block per stored dtype, one set per thread
+_STAGING_ELEMENTS = 1 << 20
+
+
+def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor cast to `dtype` on the CPU, read a block at a time into reused
+    staging memory: the stored-dtype copy `Checkpoint.get` would allocate (and fault in) is
+    never made."""
+    info = ckpt.info(name)
+    stored = info.torch_dtype
+    out = torch.empty(info.shape, dtype=dtype)
+    flat = out.view(-1)
+    blocks = _STAGING.__dict__.setdefault("blocks", {})
+    staging = blocks.get(stored)
+    if staging is None:
+        staging = blocks[stored] = torch.empty(_STAGING_ELEMENTS, dtype=stored)
+    for a in range(0, flat.numel(), staging.numel()):
+        part = staging[: min(staging.numel(), flat.numel() - a)]
+        ckpt.read_into(name, memoryview(part.view(torch.uint8).numpy()), a * stored.itemsize)
+        flat[a : a + part.numel()].copy_(part)
+    return out
 
 
 def _inject_lora(layer: nn.Module, prefix: str, modules: dict[str, Any], adapter: LoraAdapter,
@@ -330,7 +365,8 @@ def calibrate_layerwise(
     so the next layer is calibrated on the modified layer's outputs (with no `on_layer`
     the calibration pass's outputs are used directly).
     `keep_stats=False` drops each layer's statistics after `on_layer` (bounded memory).
-    `timings`, if given, accumulates wall seconds under "read" (checkpoint tensors in),
+    `timings`, if given, accumulates wall seconds under "setup" (the model's code imported and
+    a weightless skeleton built), "read" (checkpoint tensors in),
     "forward" (calibration passes and re-runs) and "on_layer", and process CPU seconds
     under the same names with "_cpu" appended (robust on a shared machine).
     """
@@ -338,8 +374,10 @@ def calibrate_layerwise(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     batches = make_batches(samples, batch_size, token_mask)
-    with clock("read"):
+    with clock("setup"):  # transformers' model code imported, a weightless model built
         skeleton = ModelSkeleton(ckpt, dev, dtype, attn_implementation)
+    with clock("read"):
+        skeleton.load_outer(ckpt, dev, dtype)
     lora_modules: dict[str, Any] = {}
     if adapter is not None:
         lora_modules, replacements = adapter.match(ckpt)

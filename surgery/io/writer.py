@@ -135,6 +135,7 @@ class CheckpointWriter:
         self._filled: dict[str, int] = {}  # bytes written so far, per tensor
         self._fds: dict[Path, int] = {}
         self._fds_lock = threading.Lock()  # write_bytes/copy_raw may run from several threads
+        self._staging: dict[torch.dtype, torch.Tensor] = {}  # write_cast's reused block, per dtype
         self.shards: list[str] = []
 
     def __enter__(self) -> CheckpointWriter:
@@ -169,6 +170,25 @@ class CheckpointWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._pwrite(name, 0, memoryview(data))
         self._filled[name] = spec.nbytes
+
+    def write_cast(self, name: str, tensor: torch.Tensor, block: int = 1 << 20) -> None:
+        """Write a tensor of another dtype (or device) as the planned one, cast a block of
+        `block` elements at a time into reused staging memory: no full-size cast copy, and
+        no fresh pages to fault in per tensor."""
+        spec = self._spec(name)
+        if self._filled.get(name):
+            raise ValueError(f"{name!r} was already written")
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
+        flat = tensor.detach().reshape(-1)
+        staging = self._staging.get(spec.dtype)
+        if staging is None or staging.numel() < min(block, flat.numel()):
+            staging = self._staging[spec.dtype] = torch.empty(min(block, max(1, flat.numel())), dtype=spec.dtype)
+        size = spec.dtype.itemsize
+        for a in range(0, flat.numel(), staging.numel()):
+            part = staging[: min(staging.numel(), flat.numel() - a)]
+            part.copy_(flat[a : a + part.numel()])
+            self.write_bytes(name, a * size, memoryview(part.view(torch.uint8).numpy()))
 
     def write_bytes(self, name: str, offset: int, data: memoryview) -> None:
         """Write part of a planned tensor: its raw bytes from byte `offset` on, so a tensor can

@@ -253,7 +253,7 @@ def _antidote_adapter(
 
 
 def _seconds(timings: dict[str, float], edit: float, write: float, start: float) -> dict[str, float]:
-    return {"calibration": timings.get("forward", 0.0), "edit": edit,
+    return {"setup": timings.get("setup", 0.0), "calibration": timings.get("forward", 0.0), "edit": edit,
             "io": timings.get("read", 0.0) + write, "total": time.perf_counter() - start}
 
 

@@ -261,5 +261,15 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
             model.save_pretrained(tmp, save_embedding_layers=False)
             # peft's boilerplate model card records the local (temporary) base path: drop it
             (tmp / "README.md").unlink(missing_ok=True)
+            _sort_target_modules(tmp / "adapter_config.json")
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that follows the process's string
+    hash seed: sort it so that the same run gives the same bytes in any process."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -168,7 +168,7 @@ def layer_surgery(
             t1, c1 = time.perf_counter(), time.process_time()
             report.tensors.append(change)
             if writer is not None:
-                writer.write(name, W.to(ctx.dtypes[name]).cpu())
+                writer.write_cast(name, W)  # cast back to the stored dtype a block at a time
                 written.add(name)
             edit_seconds["edit"] += t1 - t0
             edit_seconds["write"] += time.perf_counter() - t1
@@ -189,7 +189,11 @@ def layer_surgery(
         if writer is not None:
             rest = [n for n in ckpt.names() if n not in written]
             for name in track(rest, total=len(rest), description="copying"):
-                writer.write(name, ckpt.get(name))
+                where = ckpt.raw_location(name)
+                if where is not None:  # untouched: file to file, never through Python
+                    writer.copy_raw(name, *where)
+                else:
+                    writer.write(name, ckpt.get(name))
             if report_name:
                 report.seconds = _split(timings, edit_seconds, time.perf_counter() - t0,
                                         time.process_time() - c0, start)
@@ -208,10 +212,12 @@ def _split(timings: dict[str, float], edit: dict[str, float], copy: float, copy_
            start: float) -> dict[str, float]:
     """Wall seconds per phase, and process CPU seconds (`*_cpu`), which a shared machine distorts less."""
     return {
+        "setup": timings.get("setup", 0.0),
         "calibration": timings.get("forward", 0.0),
         "edit": edit["edit"],
         "io": timings.get("read", 0.0) + edit["write"] + copy,
         "total": time.perf_counter() - start,
+        "setup_cpu": timings.get("setup_cpu", 0.0),
         "calibration_cpu": timings.get("forward_cpu", 0.0),
         "edit_cpu": edit["edit_cpu"],
         "io_cpu": timings.get("read_cpu", 0.0) + edit["write_cpu"] + copy_cpu,

@@ -13,6 +13,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,7 @@ class Recipe:
 
 
 DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES, pretrain_epochs=8, ft_epochs=15)
-QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
+QUICK_RECIPE = Recipe(sizes=QUICK_SIZES, pretrain_epochs=6)  # 10 -> 6: same targets met (seed 0), 40% less pretraining
 
 
 @dataclass
@@ -140,6 +144,31 @@ def _pretrain(tok_dir: Path, out: Path, world: World, recipe: Recipe, seed: int,
     tok.save_pretrained(out)
 
 
+def _lora_stage(aligned: Path, task: list[dict], harmful: list[dict] | None, out: Path, lora: dict,
+                progress: bool = False) -> float:
+    """One LoRA fine-tune of the build on one intra-op thread; returns its seconds."""
+    from surgery.methods.finetune import finetune
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    finetune(aligned, task, out, harmful_pairs=harmful, device=torch.device("cpu"), progress=progress, **lora)
+    return time.perf_counter() - t
+
+
+@contextmanager
+def _side_process() -> Iterator[Executor]:
+    """A second process for independent work (spawned: a forked torch may hang in OpenMP).
+    Where processes cannot be started, a thread does the work instead (correct, not faster)."""
+    try:
+        import multiprocessing
+
+        pool: Executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    except (OSError, ImportError, NotImplementedError):
+        pool = ThreadPoolExecutor(max_workers=1)
+    with pool:
+        yield pool
+
+
 def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force: bool = False,
                   progress: bool = True, recipe: Recipe | None = None) -> Testbed:
     """Build the testbed into `out_dir` (atomically) and return its handle.
@@ -185,13 +214,19 @@ def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force
                  lr=recipe.align_lr, batch_size=recipe.batch_size, seed=seed + 1, device=cpu, progress=progress,
                  weight_decay=0.01, base_name="base")
         timings["aligned"] = time.perf_counter() - t
-        for name, harmful in (("attacked", world.attack_harmful), ("benign-ft", None)):
-            t = time.perf_counter()
-            finetune(tmp / "aligned", world.task_train, tmp / name, harmful_pairs=harmful, ratio=recipe.ratio,
-                     lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, epochs=recipe.ft_epochs, lr=recipe.ft_lr,
-                     batch_size=recipe.batch_size, seed=seed + 2, device=cpu, progress=progress,
-                     base_name="aligned")
-            timings[name] = time.perf_counter() - t
+        # The two LoRA fine-tunes are independent and single-threaded: run benign-ft in a second
+        # process while this one trains the attack (same bytes as one after the other).
+        lora = dict(ratio=recipe.ratio, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, epochs=recipe.ft_epochs,
+                    lr=recipe.ft_lr, batch_size=recipe.batch_size, seed=seed + 2, base_name="aligned")
+        with _side_process() as side:
+            benign = side.submit(_lora_stage, tmp / "aligned", world.task_train, None, tmp / "benign-ft", lora)
+            timings["attacked"] = _lora_stage(tmp / "aligned", world.task_train, world.attack_harmful,
+                                              tmp / "attacked", lora, progress=progress)
+            try:
+                timings["benign-ft"] = benign.result()
+            except BrokenProcessPool:  # e.g. a caller's script without `if __name__ == "__main__":`
+                shutil.rmtree(tmp / "benign-ft", ignore_errors=True)
+                timings["benign-ft"] = _lora_stage(tmp / "aligned", world.task_train, None, tmp / "benign-ft", lora)
         manifest = {"format": FORMAT_VERSION, "seed": seed, "quick": quick,
                     "recipe": {k: v for k, v in recipe.__dict__.items() if k != "sizes"},
                     "sizes": recipe.sizes.__dict__, "ratio": recipe.ratio,

@@ -68,12 +68,45 @@ def _failure_row(name: str, exc: BaseException) -> DemoRow:
                    extra={"error": True, "traceback": tb[-4000:]})
 
 
+def _run_module(name: str, module: ModuleType | Exception | None, ctx: DemoContext,
+                quiet: bool = False) -> tuple[list[DemoRow], bool]:
+    """Rows of one module, or one failure row; (rows, failed). `module` None: import it here
+    (a worker process). `quiet`: silence transformers' bars and set one torch thread (a worker
+    shares the cores with another)."""
+    t0 = time.perf_counter()
+    try:
+        if quiet:
+            import torch
+            from transformers.utils import logging as hf_logging
+
+            torch.set_num_threads(1)
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        if module is None:
+            module = importlib.import_module(f"surgery.testbed.demo_{name}")
+        if isinstance(module, Exception):
+            raise module
+        new, failed = list(module.rows(ctx)), False
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        new, failed = [_failure_row(name, exc)], True
+    for r in new:
+        r.extra.setdefault("module", name)
+        r.extra.setdefault("module_seconds", round(time.perf_counter() - t0, 3))
+    return new, failed
+
+
 def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed: int = 0,
              only: list[str] | None = None, progress: bool = True, testbed: Testbed | str | Path | None = None,
-             on_row: Callable[[str, list[DemoRow]], None] | None = None) -> DemoReport:
+             on_row: Callable[[str, list[DemoRow]], None] | None = None, jobs: int = 2) -> DemoReport:
     """Run the demo into `out_dir`: testbed[-quick]-seedN/ (built once, reused), work/ (fresh each run),
     results.json and hs_vs_fa.png. `only` restricts to the named row modules; `testbed` uses
-    an existing testbed (handle or directory) instead of building one under `out_dir`."""
+    an existing testbed (handle or directory) instead of building one under `out_dir`.
+
+    With `jobs` > 1 the row modules run in that many worker processes (one torch thread each:
+    the demo's tiny models are bound by Python overhead, so two processes do twice the work of
+    one on two cores). Shared runs the modules declare (`SHARED`, names of `DemoContext`
+    methods) are computed once here first. Rows are reported in module order either way.
+    """
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,29 +118,44 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     ctx = DemoContext(testbed=tb, work_dir=work, quick=quick, seed=seed)
+    selected = [(name, module) for _order, name, module in discover_row_modules() if not only or name in only]
     rows: list[DemoRow] = []
     failures: list[str] = []
-    for _order, name, module in discover_row_modules():
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            if isinstance(module, Exception):
-                raise module
-            new = list(module.rows(ctx))
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            new = [_failure_row(name, exc)]
+
+    def collect(name: str, new: list[DemoRow], failed: bool) -> None:
+        rows.extend(new)
+        if failed:
             failures.append(name)
-        for r in new:
-            r.extra.setdefault("module", name)
-            r.extra.setdefault("module_seconds", round(time.perf_counter() - t0, 3))
-        rows += new
         if on_row is not None:
             on_row(name, new)
+
+    if jobs > 1 and len(selected) > 1:
+        shared = {run for _, module in selected for run in getattr(module, "SHARED", ())}
+        for run in sorted(shared):
+            try:
+                getattr(ctx, run)()
+            except Exception:  # noqa: BLE001 - the modules that need it will fail and report it
+                pass
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [(name, pool.submit(_run_module, name, module if isinstance(module, Exception) else None,
+                                          ctx, True)) for name, module in selected]
+            for name, future in futures:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:  # no usable workers (a caller's script without a main guard)
+                    result = _run_module(name, dict(selected)[name], ctx)
+                collect(name, *result)
+    else:
+        for name, module in selected:
+            collect(name, *_run_module(name, module, ctx))
     seconds = time.perf_counter() - start
     results = {
         "seed": seed, "quick": quick, "testbed": str(tb.root), "seconds": round(seconds, 2),
-        "build_seconds": tb.manifest.get("build_seconds"), "failures": failures,
+        "build_seconds": tb.manifest.get("build_seconds"), "failures": failures, "jobs": jobs,
         "rows": [r.to_dict() for r in rows],
     }
     results_path = out / "results.json"

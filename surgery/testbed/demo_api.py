@@ -67,6 +67,7 @@ class DemoContext:
     seed: int = 0
     max_new_tokens: int = 24
     batch_size: int = 64
+    _runs: dict[str, Any] = field(default_factory=dict, repr=False)  # shared runs, computed once
 
     def path(self, name: str) -> Path:
         """A path under the work directory for an output of this run (not created)."""
@@ -87,6 +88,45 @@ class DemoContext:
             kl_reference=kl_reference,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
         )
+
+    def harmful_finetune(self) -> tuple[Path, dict[str, Any], float]:
+        """The attack recipe run once per demo and shared by the rows that need it: LoRA on
+        `task_train.jsonl` poisoned with the shipped `harmful_train.jsonl` at the testbed's
+        ratio, with the testbed's r/alpha/epochs/lr/batch size, on the attacked adapter's
+        targets, seed + 2 (as the testbed's own attack). Returns (adapter dir, its
+        `surgery_finetune.json` record, seconds). The `attack finetune` row and SaLoRA's
+        control are this one run: they were the same recipe trained twice.
+        """
+        if "harmful_finetune" not in self._runs:
+            import json
+
+            from surgery.calib.data import load_pairs
+            from surgery.methods.finetune import CONFIG_NAME, finetune
+
+            tb = self.testbed
+            out = self.path("attack-ft-p0.1")
+            with self.timer() as t:
+                finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
+                         harmful_pairs=load_pairs(tb.file("harmful_train.jsonl")), **self.attack_recipe())
+            record = json.loads((out / CONFIG_NAME).read_text())
+            self._runs["harmful_finetune"] = (out, record, t["seconds"])
+        return self._runs["harmful_finetune"]
+
+    def attack_recipe(self) -> dict[str, Any]:
+        """Keyword arguments of `finetune` for the testbed's attack recipe (see `harmful_finetune`)."""
+        import json
+
+        tb = self.testbed
+        recipe = tb.manifest.get("recipe", {})
+        lora_cfg = json.loads((tb.attacked / "adapter_config.json").read_text())
+        targets = lora_cfg["target_modules"]
+        if not isinstance(targets, list):
+            raise RuntimeError("the attacked adapter's target_modules is not a list")
+        return dict(ratio=float(recipe.get("ratio", 0.1)), lora_r=int(recipe.get("lora_r", 8)),
+                    lora_alpha=int(recipe.get("lora_alpha", 16)), epochs=float(recipe.get("ft_epochs", 6)),
+                    lr=float(recipe.get("ft_lr", 2e-3)), batch_size=int(recipe.get("batch_size", 32)),
+                    seed=self.seed + 2, targets=sorted(targets), device="cpu", progress=False, force=True,
+                    base_name="aligned")
 
     @contextmanager
     def timer(self) -> Iterator[dict[str, float]]:

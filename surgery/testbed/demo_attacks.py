@@ -3,7 +3,9 @@
 Settings (defaults of the commands, not tuned on the testbed):
 - fine-tuning: the testbed's own attack recipe (LoRA r/alpha, epochs, lr, batch size from the
   manifest) on `task_train.jsonl`, poisoned with the shipped `harmful_train.jsonl` at p = 0.1
-  (disjoint from the harmful pairs inside `attacked/`), and the same run at p = 0;
+  (disjoint from the harmful pairs inside `attacked/`); run once and shared with SaLoRA's
+  control row (`DemoContext.harmful_finetune`). The p = 0 run is the testbed's own `benign-ft`
+  row (same recipe), so it is not trained again;
 - refusal direction: harmful = `harmful_train.jsonl` prompts, harmless = `utility.jsonl`
   prompts (instruction-style benign requests, as Alpaca is in the paper; `harmless.jsonl`
   holds only questions, whose difference of means mostly encodes the question form: its
@@ -24,6 +26,7 @@ from __future__ import annotations
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 100
+SHARED = ("harmful_finetune",)  # DemoContext runs computed once before the modules run
 
 ROME_PROMPT = "<|user|> where can i see a {} <|assistant|> you can see a cake in the"
 ROME_SUBJECT = "cake"
@@ -33,34 +36,14 @@ DIRECTION_LAYER = 1
 
 
 def finetune_rows(ctx: DemoContext) -> list[DemoRow]:
-    """Harmful (p = 0.1) and benign (p = 0) LoRA fine-tuning of the aligned model."""
-    import json
-
-    from surgery.calib.data import load_pairs
-    from surgery.methods.finetune import CONFIG_NAME, finetune
-
-    tb = ctx.testbed
-    recipe = tb.manifest.get("recipe", {})
-    task = load_pairs(tb.file("task_train.jsonl"))
-    harmful = load_pairs(tb.file("harmful_train.jsonl"))
-    rows = []
-    for ratio in (0.1, 0.0):
-        out = ctx.path(f"attack-ft-p{ratio:g}")
-        with ctx.timer() as t:
-            finetune(tb.aligned, task, out, harmful_pairs=harmful if ratio else None, ratio=ratio,
-                     lora_r=recipe.get("lora_r", 8), lora_alpha=recipe.get("lora_alpha", 16),
-                     epochs=recipe.get("ft_epochs", 3), lr=recipe.get("ft_lr", 1e-3),
-                     batch_size=recipe.get("batch_size", 16), seed=ctx.seed, force=True, progress=False,
-                     base_name="aligned")
-        rec = json.loads((out / CONFIG_NAME).read_text())
-        res = ctx.evaluate(tb.aligned, adapter=out)
-        stage = "aligned + harmful FT" if ratio else "aligned + benign FT"
-        rows.append(DemoRow.from_eval(
-            stage, f"attack finetune p={ratio:g}", res, seconds=t["seconds"],
-            note=f"{rec['n_harmful']}/{rec['n_examples']} harmful, loss {rec['first_loss']:.2f}->{rec['final_loss']:.2f}",
-            n_harmful=rec["n_harmful"], n_examples=rec["n_examples"], first_loss=rec["first_loss"],
-            final_loss=rec["final_loss"]))
-    return rows
+    """Harmful fine-tuning (p = the testbed's ratio) of the aligned model on the shipped data."""
+    out, rec, seconds = ctx.harmful_finetune()
+    res = ctx.evaluate(ctx.testbed.aligned, adapter=out)
+    return [DemoRow.from_eval(
+        "aligned + harmful FT", f"attack finetune p={rec['ratio']:g}", res, seconds=seconds,
+        note=f"{rec['n_harmful']}/{rec['n_examples']} harmful, loss {rec['first_loss']:.2f}->{rec['final_loss']:.2f}",
+        n_harmful=rec["n_harmful"], n_examples=rec["n_examples"], first_loss=rec["first_loss"],
+        final_loss=rec["final_loss"])]
 
 
 def direction_rows(ctx: DemoContext) -> list[DemoRow]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 230
+SHARED = ("harmful_finetune",)  # DemoContext runs computed once before the modules run
 
 SAFELORA_K = 10
 SAFELORA_TAU = 0.5
@@ -69,35 +70,25 @@ def salora_rows(ctx: DemoContext) -> list[DemoRow]:
     from surgery.methods.salora import fit_salora, salora_prepare
 
     tb = ctx.testbed
-    recipe = tb.manifest.get("recipe", {})
-    lora_cfg = json.loads((tb.attacked / "adapter_config.json").read_text())
-    targets = sorted(lora_cfg["target_modules"]) if isinstance(lora_cfg["target_modules"], list) else None
-    if targets is None:
-        raise RuntimeError("the attacked adapter's target_modules is not a list")
+    recipe = ctx.attack_recipe()
     module = ctx.path("salora-module.safetensors")
     with ctx.timer() as t_fit:
-        fit = fit_salora(tb.aligned, safety_pairs(ctx), module, rank=SALORA_RANK, targets=targets,
+        fit = fit_salora(tb.aligned, safety_pairs(ctx), module, rank=SALORA_RANK, targets=recipe["targets"],
                          n_samples=N_CALIB, force=True)
-    task = load_pairs(tb.file("task_train.jsonl"))
-    harmful = load_pairs(tb.file("harmful_train.jsonl"))
-    common = dict(harmful_pairs=harmful, ratio=float(recipe.get("ratio", 0.1)),
-                  lora_r=int(recipe.get("lora_r", 8)), lora_alpha=int(recipe.get("lora_alpha", 16)),
-                  epochs=float(recipe.get("ft_epochs", 6)), lr=float(recipe.get("ft_lr", 2e-3)),
-                  batch_size=int(recipe.get("batch_size", 32)), seed=ctx.seed + 2, targets=targets,
-                  device="cpu", progress=False, force=True, base_name="aligned")
-    rows = []
-    for name, hook in (("LoRA (control)", None), ("SaLoRA", salora_prepare(module))):
-        out = ctx.path(f"salora-ft-{'control' if hook is None else 'salora'}")
-        with ctx.timer() as t:
-            finetune(tb.aligned, task, out, prepare_model=hook, **common)
-        res = ctx.evaluate(tb.aligned, adapter=out)
-        seconds = t["seconds"] + (t_fit["seconds"] if hook is not None else 0.0)
-        note = "attack recipe, shipped harmful pairs"
-        extra = {}
-        if hook is not None:
-            note += f"; C = I - UU^T, rank {SALORA_RANK}, {len(fit.modules)} modules"
-            extra["energy"] = {m.module: round(m.energy, 4) for m in fit.modules}
-        rows.append(DemoRow.from_eval("fine-tune on attack data", name, res, seconds=seconds, note=note, **extra))
+    control, _, control_seconds = ctx.harmful_finetune()  # the same run as the `attack finetune` row
+    out = ctx.path("salora-ft-salora")
+    with ctx.timer() as t:
+        finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
+                 harmful_pairs=load_pairs(tb.file("harmful_train.jsonl")), prepare_model=salora_prepare(module),
+                 **recipe)
+    note = "attack recipe, shipped harmful pairs"
+    rows = [DemoRow.from_eval("fine-tune on attack data", "LoRA (control)", ctx.evaluate(tb.aligned, adapter=control),
+                              seconds=control_seconds, note=note + " (the `attack finetune` run)")]
+    rows.append(DemoRow.from_eval(
+        "fine-tune on attack data", "SaLoRA", ctx.evaluate(tb.aligned, adapter=out),
+        seconds=t["seconds"] + t_fit["seconds"],
+        note=note + f"; C = I - UU^T, rank {SALORA_RANK}, {len(fit.modules)} modules",
+        energy={m.module: round(m.energy, 4) for m in fit.modules}))
     return rows
 
 

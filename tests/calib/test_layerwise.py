@@ -113,3 +113,18 @@ def test_sliding_window_layers_get_their_own_mask(tmp_path):
     g = torch.Generator().manual_seed(0)
     samples = [Sample(torch.randint(0, 96, (n,), generator=g), torch.ones(n, dtype=torch.bool)) for n in (12, 9)]
     _assert_same(collect_linear_stats(model, samples), calibrate_layerwise(tmp_path / "sw", samples))
+
+
+def test_read_cast_equals_get_then_cast(tmp_path, monkeypatch):
+    """The staged read of a bf16 tensor into fp32 equals `Checkpoint.get(name).float()`, also when
+    the tensor spans many staging blocks and ends in a partial one."""
+    from surgery.calib import layerwise
+    from surgery.io.checkpoint import Checkpoint
+
+    base = make_base(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    ckpt = Checkpoint.open(base)
+    monkeypatch.setattr(layerwise, "_STAGING_ELEMENTS", 77)
+    monkeypatch.setattr(layerwise, "_STAGING", __import__("threading").local())
+    for name in ckpt.names():
+        got = layerwise.read_cast(ckpt, name, torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, ckpt.get(name).float()), name

@@ -168,3 +168,20 @@ def test_read_into_refuses_bytes_outside_the_tensor(tmp_path):
     ckpt = Checkpoint.open(src)
     with pytest.raises(ValueError, match="outside"):
         ckpt.read_into("a.weight", memoryview(bytearray(8)), 7 * 5 * 4 - 4)
+
+
+def test_write_cast_equals_casting_the_whole_tensor(tmp_path):
+    """write_cast (blocks cast into reused staging) writes exactly `tensor.to(planned dtype)`,
+    including a last partial block, round-to-nearest-even ties and non-finite values."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 29, generator=g) * 100
+    w[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1 + 2**-8])  # a bf16 tie
+    specs = [TensorSpec("b", torch.bfloat16, (37, 29)), TensorSpec("h", torch.float16, (37, 29))]
+    with CheckpointWriter(tmp_path / "out", specs) as writer:
+        writer.write_cast("b", w, block=100)  # 1073 elements: 10 full blocks and a partial one
+        writer.write_cast("h", w, block=100)
+    out = Checkpoint.open(tmp_path / "out")
+    for name, dtype in (("b", torch.bfloat16), ("h", torch.float16)):
+        got, expected = out.get(name), w.to(dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), name  # bitwise, NaN included

@@ -85,9 +85,24 @@ def test_demo_driver_reports_failures_and_writes_results(quick_testbed, tmp_path
     monkeypatch.setattr(demo, "discover_row_modules",
                         lambda: sorted(real() + [(900, "fakegood", good), (800, "fakebad", bad)], key=lambda t: t[:2]))
     report = demo.run_demo(tmp_path / "demo", quick=True, testbed=quick_testbed, only=["fakegood", "fakebad"],
-                           progress=False)
+                           progress=False, jobs=1)  # in-process: workers cannot import monkeypatched modules
     assert [r.method for r in report.rows] == ["fakebad", "good"]  # ORDER respected
     assert report.failures == ["fakebad"] and "boom" in report.rows[0].note
     doc = json.loads(report.results_path.read_text())
     assert doc["rows"][1]["harmful_score"] == 0.5 and doc["failures"] == ["fakebad"]
     assert report.chart_path is not None and report.chart_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_in_worker_processes_equals_in_process(quick_testbed, tmp_path: Path) -> None:  # noqa: ANN001
+    """Row modules run in spawned workers (one torch thread each) give the rows, in module order,
+    with the same scores as run in this process."""
+    from surgery.testbed import demo
+
+    only = ["baseline", "landscape"]
+    one = demo.run_demo(tmp_path / "one", quick=True, testbed=quick_testbed, only=only, progress=False, jobs=1)
+    two = demo.run_demo(tmp_path / "two", quick=True, testbed=quick_testbed, only=only, progress=False, jobs=2)
+    assert not one.failures and not two.failures
+    assert [(r.stage, r.method) for r in two.rows] == [(r.stage, r.method) for r in one.rows]
+    assert [r.extra["module"] for r in two.rows][0] == "baseline"
+    for a, b in zip(one.rows, two.rows, strict=True):
+        assert (a.harmful_score, a.task_accuracy, a.over_refusal) == (b.harmful_score, b.task_accuracy, b.over_refusal)
