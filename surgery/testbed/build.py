@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ class Recipe:
 
 
 DEFAULT_RECIPE = Recipe(sizes=DEFAULT_SIZES, pretrain_epochs=8, ft_epochs=15)
-QUICK_RECIPE = Recipe(sizes=QUICK_SIZES, pretrain_epochs=6)  # 10 -> 6: same targets met (seed 0), 40% less pretraining
+QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
 
 
 @dataclass
@@ -170,12 +170,13 @@ def _side_process() -> Iterator[Executor]:
 
 
 def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force: bool = False,
-                  progress: bool = True, recipe: Recipe | None = None) -> Testbed:
+                  progress: bool = True, recipe: Recipe | None = None, executor: Executor | None = None) -> Testbed:
     """Build the testbed into `out_dir` (atomically) and return its handle.
 
     An existing complete testbed with the same seed and quick flag is reused unless
     `force`; anything else already at `out_dir` is refused unless `force`. The build runs
-    on CPU with at most 2 threads so that a seed gives the same bytes everywhere.
+    on CPU with one intra-op thread so that a seed gives the same bytes everywhere; the two
+    LoRA fine-tunes run at once, the second in `executor` (default: a spawned process).
     """
     from surgery.methods.finetune import finetune
     from surgery.testbed.tokenizer import save_tokenizer
@@ -218,7 +219,7 @@ def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force
         # process while this one trains the attack (same bytes as one after the other).
         lora = dict(ratio=recipe.ratio, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, epochs=recipe.ft_epochs,
                     lr=recipe.ft_lr, batch_size=recipe.batch_size, seed=seed + 2, base_name="aligned")
-        with _side_process() as side:
+        with (nullcontext(executor) if executor is not None else _side_process()) as side:
             benign = side.submit(_lora_stage, tmp / "aligned", world.task_train, None, tmp / "benign-ft", lora)
             timings["attacked"] = _lora_stage(tmp / "aligned", world.task_train, world.attack_harmful,
                                               tmp / "attacked", lora, progress=progress)

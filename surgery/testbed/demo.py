@@ -7,13 +7,18 @@ that raises becomes a row with the error in its note, and the demo goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import multiprocessing
 import pkgutil
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -95,6 +100,61 @@ def _run_module(name: str, module: ModuleType | Exception | None, ctx: DemoConte
     return new, failed
 
 
+@contextmanager
+def _workers(jobs: int) -> Iterator[Executor | None]:
+    """`jobs` spawned worker processes, started (and their imports done) while the testbed builds."""
+    if jobs < 2:
+        yield None
+        return
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in range(jobs):
+            pool.submit(_warm_up)
+        yield pool
+
+
+def _warm_up() -> None:
+    import torch
+
+    import surgery.eval.evaluate  # noqa: F401 - what every row module needs
+    import surgery.methods.finetune  # noqa: F401
+
+    torch.set_num_threads(1)
+
+
+def _run_in_pool(pool: Executor, selected: list[tuple[str, ModuleType | Exception]],
+                 ctx: DemoContext) -> Iterator[tuple[list[DemoRow], bool]]:
+    """Run the modules in the pool, heaviest first (their `COST` hint), after the shared runs they
+    declare (`SHARED`), which go first so that a module waiting for one never blocks it.
+    Yields the results in `selected` order, each as soon as it and those before it are done."""
+    shared = sorted({run for _, module in selected for run in getattr(module, "SHARED", ())})
+    for run in shared:
+        pool.submit(_run_shared, run, ctx)
+    waiting = dataclasses.replace(ctx, shared_elsewhere=bool(shared))
+    by_cost = sorted(range(len(selected)), key=lambda i: -float(getattr(selected[i][1], "COST", 1.0)))
+    futures: dict[int, Future] = {}
+    for i in by_cost:
+        name, module = selected[i]
+        futures[i] = pool.submit(_run_module, name, module if isinstance(module, Exception) else None, waiting, True)
+    for i, (name, module) in enumerate(selected):
+        try:
+            yield futures[i].result()
+        except BrokenProcessPool:  # no usable workers (a caller's script without a main guard)
+            yield _run_module(name, module, ctx)
+
+
+def _run_shared(run: str, ctx: DemoContext) -> None:
+    """Compute one shared run (a `DemoContext` method) in a worker; its waiters poll its marker.
+    Errors are left to the marker and to the modules that need the run."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        getattr(ctx, run)()
+    except Exception:  # noqa: BLE001 - the waiting modules report it
+        pass
+
+
 def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed: int = 0,
              only: list[str] | None = None, progress: bool = True, testbed: Testbed | str | Path | None = None,
              on_row: Callable[[str, list[DemoRow]], None] | None = None, jobs: int = 2) -> DemoReport:
@@ -110,48 +170,28 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if testbed is None:
-        tb_dir = out / f"testbed{'-quick' if quick else ''}-seed{seed}"
-        tb = build_testbed(tb_dir, seed=seed, quick=quick, progress=progress)
-    else:
-        tb = testbed if isinstance(testbed, Testbed) else Testbed.load(testbed)
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    ctx = DemoContext(testbed=tb, work_dir=work, quick=quick, seed=seed)
-    selected = [(name, module) for _order, name, module in discover_row_modules() if not only or name in only]
-    rows: list[DemoRow] = []
-    failures: list[str] = []
-
-    def collect(name: str, new: list[DemoRow], failed: bool) -> None:
-        rows.extend(new)
-        if failed:
-            failures.append(name)
-        if on_row is not None:
-            on_row(name, new)
-
-    if jobs > 1 and len(selected) > 1:
-        shared = {run for _, module in selected for run in getattr(module, "SHARED", ())}
-        for run in sorted(shared):
-            try:
-                getattr(ctx, run)()
-            except Exception:  # noqa: BLE001 - the modules that need it will fail and report it
-                pass
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
-
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [(name, pool.submit(_run_module, name, module if isinstance(module, Exception) else None,
-                                          ctx, True)) for name, module in selected]
-            for name, future in futures:
-                try:
-                    result = future.result()
-                except BrokenProcessPool:  # no usable workers (a caller's script without a main guard)
-                    result = _run_module(name, dict(selected)[name], ctx)
-                collect(name, *result)
-    else:
-        for name, module in selected:
-            collect(name, *_run_module(name, module, ctx))
+    with _workers(jobs) as pool:
+        if testbed is None:
+            tb_dir = out / f"testbed{'-quick' if quick else ''}-seed{seed}"
+            tb = build_testbed(tb_dir, seed=seed, quick=quick, progress=progress, executor=pool)
+        else:
+            tb = testbed if isinstance(testbed, Testbed) else Testbed.load(testbed)
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        ctx = DemoContext(testbed=tb, work_dir=work, quick=quick, seed=seed)
+        selected = [(name, module) for _order, name, module in discover_row_modules() if not only or name in only]
+        if pool is None or len(selected) < 2:
+            results: Iterator[tuple[list[DemoRow], bool]] = (_run_module(n, m, ctx) for n, m in selected)
+        else:
+            results = _run_in_pool(pool, selected, ctx)
+        rows: list[DemoRow] = []
+        failures: list[str] = []
+        for (name, _), (new, failed) in zip(selected, results, strict=True):  # in module order, as they finish
+            rows.extend(new)
+            if failed:
+                failures.append(name)
+            if on_row is not None:
+                on_row(name, new)
     seconds = time.perf_counter() - start
     results = {
         "seed": seed, "quick": quick, "testbed": str(tb.root), "seconds": round(seconds, 2),

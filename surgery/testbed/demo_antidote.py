@@ -17,6 +17,7 @@ from __future__ import annotations
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 200
+COST = 5  # rough seconds on the quick testbed: the demo starts heavy modules first
 
 RATIOS = (0.01, 0.05, 0.1)
 QUICK_RATIOS = (0.05, 0.1)

@@ -3,7 +3,10 @@
 A method shows itself in the demo by adding `surgery/testbed/demo_<name>.py` with
 `ORDER: int` (where its rows go: baseline 0, attacks 100s, defenses 200s+) and
 `rows(ctx: DemoContext) -> list[DemoRow]`. The driver discovers these modules, runs
-them in ORDER, and reports a failing module as a row instead of stopping.
+them (in worker processes, heaviest `COST` first) and reports their rows in ORDER; a
+failing module becomes a row instead of stopping the demo. A module that uses a run
+shared with others (a `DemoContext` method such as `harmful_finetune`) names it in
+`SHARED`: the driver starts each shared run once, first, and the modules wait for it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class DemoContext:
     max_new_tokens: int = 24
     batch_size: int = 64
     _runs: dict[str, Any] = field(default_factory=dict, repr=False)  # shared runs, computed once
+    shared_elsewhere: bool = False  # shared runs are being computed by another process: wait for them
 
     def path(self, name: str) -> Path:
         """A path under the work directory for an output of this run (not created)."""
@@ -105,11 +109,22 @@ class DemoContext:
 
             tb = self.testbed
             out = self.path("attack-ft-p0.1")
-            with self.timer() as t:
-                finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
-                         harmful_pairs=load_pairs(tb.file("harmful_train.jsonl")), **self.attack_recipe())
+            done = out.with_name(out.name + ".done.json")
+            if self.shared_elsewhere:  # the driver trains it in another process: wait for its marker
+                _wait_for(done, out.with_name(out.name + ".failed"))
+            else:
+                try:
+                    with self.timer() as t:
+                        finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
+                                 harmful_pairs=load_pairs(tb.file("harmful_train.jsonl")), **self.attack_recipe())
+                except BaseException as exc:
+                    out.with_name(out.name + ".failed").write_text(f"{type(exc).__name__}: {exc}")
+                    raise
+                tmp = done.with_name(done.name + ".tmp")
+                tmp.write_text(json.dumps({"seconds": t["seconds"]}))
+                tmp.replace(done)
             record = json.loads((out / CONFIG_NAME).read_text())
-            self._runs["harmful_finetune"] = (out, record, t["seconds"])
+            self._runs["harmful_finetune"] = (out, record, json.loads(done.read_text())["seconds"])
         return self._runs["harmful_finetune"]
 
     def attack_recipe(self) -> dict[str, Any]:
@@ -137,3 +152,14 @@ class DemoContext:
             yield box
         finally:
             box["seconds"] = time.perf_counter() - start
+
+
+def _wait_for(done: Path, failed: Path, timeout: float = 3600.0) -> None:
+    """Wait until another process writes `done` (or `failed`, whose text is raised)."""
+    deadline = time.monotonic() + timeout
+    while not done.exists():
+        if failed.exists():
+            raise RuntimeError(f"the shared run {done.name.removesuffix('.done.json')} failed: {failed.read_text()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {done} after {timeout:.0f} s")
+        time.sleep(0.1)

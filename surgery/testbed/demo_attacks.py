@@ -26,7 +26,8 @@ from __future__ import annotations
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 100
-SHARED = ("harmful_finetune",)  # DemoContext runs computed once before the modules run
+COST = 8  # rough seconds on the quick testbed: the demo starts heavy modules first
+SHARED = ("harmful_finetune",)  # DemoContext runs this module uses: the demo computes each once, first
 
 ROME_PROMPT = "<|user|> where can i see a {} <|assistant|> you can see a cake in the"
 ROME_SUBJECT = "cake"

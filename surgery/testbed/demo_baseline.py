@@ -5,6 +5,7 @@ from __future__ import annotations
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 0
+COST = 6  # rough seconds on the quick testbed: the demo starts heavy modules first
 
 
 def rows(ctx: DemoContext) -> list[DemoRow]:

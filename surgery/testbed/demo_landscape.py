@@ -11,6 +11,7 @@ from __future__ import annotations
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 150
+COST = 2  # rough seconds on the quick testbed: the demo starts heavy modules first
 
 
 def rows(ctx: DemoContext) -> list[DemoRow]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 230
-SHARED = ("harmful_finetune",)  # DemoContext runs computed once before the modules run
+COST = 20  # rough seconds on the quick testbed: the demo starts heavy modules first
+SHARED = ("harmful_finetune",)  # DemoContext runs this module uses: the demo computes each once, first
 
 SAFELORA_K = 10
 SAFELORA_TAU = 0.5
@@ -75,12 +76,12 @@ def salora_rows(ctx: DemoContext) -> list[DemoRow]:
     with ctx.timer() as t_fit:
         fit = fit_salora(tb.aligned, safety_pairs(ctx), module, rank=SALORA_RANK, targets=recipe["targets"],
                          n_samples=N_CALIB, force=True)
-    control, _, control_seconds = ctx.harmful_finetune()  # the same run as the `attack finetune` row
     out = ctx.path("salora-ft-salora")
     with ctx.timer() as t:
         finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
                  harmful_pairs=load_pairs(tb.file("harmful_train.jsonl")), prepare_model=salora_prepare(module),
                  **recipe)
+    control, _, control_seconds = ctx.harmful_finetune()  # the same run as the `attack finetune` row
     note = "attack recipe, shipped harmful pairs"
     rows = [DemoRow.from_eval("fine-tune on attack data", "LoRA (control)", ctx.evaluate(tb.aligned, adapter=control),
                               seconds=control_seconds, note=note + " (the `attack finetune` run)")]
