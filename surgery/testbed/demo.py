@@ -114,12 +114,16 @@ def _workers(jobs: int) -> Iterator[Executor | None]:
 
 
 def _warm_up() -> None:
+    """Import what every worker task needs, one torch thread, transformers' bars off."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     import surgery.eval.evaluate  # noqa: F401 - what every row module needs
     import surgery.methods.finetune  # noqa: F401
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _run_in_pool(pool: Executor, selected: list[tuple[str, ModuleType | Exception]],
