@@ -106,3 +106,21 @@ def test_demo_in_worker_processes_equals_in_process(quick_testbed, tmp_path: Pat
     assert [r.extra["module"] for r in two.rows][0] == "baseline"
     for a, b in zip(one.rows, two.rows, strict=True):
         assert (a.harmful_score, a.task_accuracy, a.over_refusal) == (b.harmful_score, b.task_accuracy, b.over_refusal)
+
+
+def test_waiting_for_a_shared_run_sees_its_failure_or_completion(tmp_path: Path) -> None:
+    """A module waiting for a shared run (computed by another process) gets the run's error text
+    when it failed, returns once its marker is written, and times out otherwise."""
+    import threading
+
+    from surgery.testbed.demo_api import _wait_for
+
+    done, failed = tmp_path / "run.done.json", tmp_path / "run.failed"
+    failed.write_text("DataError: no pairs")
+    with pytest.raises(RuntimeError, match="no pairs"):
+        _wait_for(done, failed)
+    failed.unlink()
+    threading.Timer(0.3, lambda: done.write_text("{}")).start()
+    _wait_for(done, failed, timeout=30)  # returns when the marker appears
+    with pytest.raises(TimeoutError):
+        _wait_for(tmp_path / "never.done.json", failed, timeout=0.2)
