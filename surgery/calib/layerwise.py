@@ -39,6 +39,7 @@ from surgery.calib.data import Sample
 from surgery.calib.stats import Batch, LinearStats, StatsCollector, make_batches
 from surgery.errors import MismatchError, SurgeryError
 from surgery.io.checkpoint import Checkpoint
+from surgery.io.staging import Staging, as_bytes
 from surgery.progress import track
 
 if TYPE_CHECKING:
@@ -256,13 +257,10 @@ def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
     stored = info.torch_dtype
     out = torch.empty(info.shape, dtype=dtype)
     flat = out.view(-1)
-    blocks = _STAGING.__dict__.setdefault("blocks", {})
-    staging = blocks.get(stored)
-    if staging is None:
-        staging = blocks[stored] = torch.empty(_STAGING_ELEMENTS, dtype=stored)
-    for a in range(0, flat.numel(), staging.numel()):
-        part = staging[: min(staging.numel(), flat.numel() - a)]
-        ckpt.read_into(name, memoryview(part.view(torch.uint8).numpy()), a * stored.itemsize)
+    staging = _STAGING.__dict__.setdefault("staging", Staging())
+    for a in range(0, flat.numel(), _STAGING_ELEMENTS):
+        part = staging.get("read", stored, min(_STAGING_ELEMENTS, flat.numel() - a))
+        ckpt.read_into(name, as_bytes(part), a * stored.itemsize)
         flat[a : a + part.numel()].copy_(part)
     return out
 

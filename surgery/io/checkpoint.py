@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from surgery.errors import CorruptFileError, InputNotFoundError, PickleRefusedError, UnsafePathError
 from surgery.io.header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, dtype_name, read_header
+from surgery.io.staging import flat_bytes
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -281,7 +282,8 @@ class Checkpoint:
         if where is None:
             raise ValueError(f"{name}: raw reads need a safetensors file on a little-endian host")
         info = self.info(name)
-        size = len(buffer) if buffer.ndim == 1 and buffer.itemsize == 1 else buffer.nbytes
+        view = flat_bytes(buffer)
+        size = len(view)
         if offset < 0 or offset + size > info.nbytes:
             raise ValueError(f"{name}: bytes {offset}..{offset + size} lie outside its {info.nbytes} bytes")
         with self._fds_lock:
@@ -289,7 +291,6 @@ class Checkpoint:
             if fd is None:
                 fd = self._fds[where[0]] = os.open(where[0], os.O_RDONLY)
         done = 0
-        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
         while done < size:
             got = os.preadv(fd, [view[done:]], where[1] + offset + done)
             if got == 0:

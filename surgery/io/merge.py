@@ -27,6 +27,7 @@ from surgery.io.adapter import LoraAdapter, LoraModule
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
+from surgery.io.staging import Staging, as_bytes
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgery.progress import track
 
@@ -101,21 +102,6 @@ _WORKERS = 2  # tensors streamed at once: one's I/O overlaps another's arithmeti
 _IN_FLIGHT = 4  # tensors queued ahead of the one being finished (bounds memory and progress lag)
 
 
-class _BlockBuffers:
-    """Reused staging memory for the streamed merge: the stored block, its fp32 copy and
-    the cast result. Reuse matters: fresh buffers per tensor cost a page fault per 4 KiB,
-    which on a VM is as slow as the file I/O itself."""
-
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, role: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buf = self._store.get((role, dtype))
-        if buf is None or buf.numel() < numel:
-            buf = self._store[(role, dtype)] = torch.empty(max(numel, _BLOCK_ELEMENTS), dtype=dtype)
-        return buf[:numel]
-
-
 def _merge_streamed(
     ckpt: Checkpoint,
     writer: CheckpointWriter,
@@ -124,7 +110,7 @@ def _merge_streamed(
     a: torch.Tensor,
     b: torch.Tensor,
     sign: float,
-    buffers: _BlockBuffers,
+    buffers: Staging,
 ) -> bool:
     """Write `W ± ΔW` for a plain-LoRA 2-D float tensor a block of rows at a time: read the
     stored block into reused memory, add `left[rows] @ right` in fp32, cast back, write.
@@ -146,7 +132,7 @@ def _merge_streamed(
         r1 = min(rows, r0 + step)
         n = (r1 - r0) * cols
         stored = buffers.get("in", dtype, n)
-        ckpt.read_into(name, memoryview(stored.view(torch.uint8).numpy()), r0 * row_bytes)
+        ckpt.read_into(name, as_bytes(stored), r0 * row_bytes)
         block = buffers.get("fp32", torch.float32, n).view(r1 - r0, cols)
         block.copy_(stored.view(r1 - r0, cols))
         block.addmm_(left[r0:r1], right, alpha=sign * m.scaling)
@@ -156,7 +142,7 @@ def _merge_streamed(
             lo, hi = torch.aminmax(block)
             if not (-limit <= lo.item() <= limit and -limit <= hi.item() <= limit):  # NaN fails too
                 nonfinite = not bool(torch.isfinite(result).all())
-        writer.write_bytes(name, r0 * row_bytes, memoryview(result.view(torch.uint8).numpy()))
+        writer.write_bytes(name, r0 * row_bytes, as_bytes(result))
     return nonfinite
 
 
@@ -336,7 +322,7 @@ class _MergeRun:
 
     def _stream(self, name: str, m: LoraModule, a: torch.Tensor, b: torch.Tensor) -> bool:
         if not hasattr(self._local, "buffers"):
-            self._local.buffers = _BlockBuffers()
+            self._local.buffers = Staging(_BLOCK_ELEMENTS)  # reused: fresh memory per tensor faults in
         return _merge_streamed(self.ckpt, self.writer, name, m, a, b, self.sign, self._local.buffers)
 
     def _submit(self, name: str, future: Future) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from surgery.io.atomic import atomic_path
 from surgery.io.header import DTYPE_SIZES, dtype_name
+from surgery.io.staging import Staging, as_bytes, flat_bytes
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -135,7 +136,7 @@ class CheckpointWriter:
         self._filled: dict[str, int] = {}  # bytes written so far, per tensor
         self._fds: dict[Path, int] = {}
         self._fds_lock = threading.Lock()  # write_bytes/copy_raw may run from several threads
-        self._staging: dict[torch.dtype, torch.Tensor] = {}  # write_cast's reused block, per dtype
+        self._staging = Staging()  # write_cast's reused block
         self.shards: list[str] = []
 
     def __enter__(self) -> CheckpointWriter:
@@ -167,8 +168,7 @@ class CheckpointWriter:
             raise ValueError(
                 f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pwrite(name, 0, memoryview(data))
+        self._pwrite(name, 0, as_bytes(tensor.detach().to("cpu").contiguous()))
         self._filled[name] = spec.nbytes
 
     def write_cast(self, name: str, tensor: torch.Tensor, block: int = 1 << 20) -> None:
@@ -181,14 +181,11 @@ class CheckpointWriter:
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
         flat = tensor.detach().reshape(-1)
-        staging = self._staging.get(spec.dtype)
-        if staging is None or staging.numel() < min(block, flat.numel()):
-            staging = self._staging[spec.dtype] = torch.empty(min(block, max(1, flat.numel())), dtype=spec.dtype)
-        size = spec.dtype.itemsize
-        for a in range(0, flat.numel(), staging.numel()):
-            part = staging[: min(staging.numel(), flat.numel() - a)]
+        step = max(1, min(block, flat.numel()))
+        for a in range(0, flat.numel(), step):
+            part = self._staging.get("cast", spec.dtype, min(step, flat.numel() - a))
             part.copy_(flat[a : a + part.numel()])
-            self.write_bytes(name, a * size, memoryview(part.view(torch.uint8).numpy()))
+            self.write_bytes(name, a * spec.dtype.itemsize, as_bytes(part))
 
     def write_bytes(self, name: str, offset: int, data: memoryview) -> None:
         """Write part of a planned tensor: its raw bytes from byte `offset` on, so a tensor can
@@ -244,7 +241,7 @@ class CheckpointWriter:
     def _pwrite(self, name: str, offset: int, data: memoryview) -> None:
         path, start, _ = self._where[name]
         fd = self._fd(path)
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        view = flat_bytes(data)
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], start + offset + done)
@@ -307,5 +304,5 @@ def write_tensors(
             for spec in specs:
                 t = tensors[spec.name]
                 if spec.nbytes:
-                    handle.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                    handle.write(as_bytes(t.detach().cpu().contiguous()))
     return out

@@ -155,14 +155,19 @@ def _lora_stage(aligned: Path, task: list[dict], harmful: list[dict] | None, out
     return time.perf_counter() - t
 
 
+def spawn_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for independent work, spawned: a forked torch may hang in OpenMP.
+    Raises OSError (or NotImplementedError) where processes cannot be started."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 @contextmanager
 def _side_process() -> Iterator[Executor]:
-    """A second process for independent work (spawned: a forked torch may hang in OpenMP).
-    Where processes cannot be started, a thread does the work instead (correct, not faster)."""
+    """A second process for the build; where none can be started, a thread (correct, not faster)."""
     try:
-        import multiprocessing
-
-        pool: Executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        pool: Executor = spawn_pool(1)
     except (OSError, ImportError, NotImplementedError):
         pool = ThreadPoolExecutor(max_workers=1)
     with pool:

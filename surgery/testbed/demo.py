@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import multiprocessing
 import pkgutil
 import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from surgery.testbed.build import Testbed, build_testbed
+from surgery.testbed.build import Testbed, build_testbed, spawn_pool
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 DEFAULT_ORDER = 500
@@ -102,12 +101,16 @@ def _run_module(name: str, module: ModuleType | Exception | None, ctx: DemoConte
 
 @contextmanager
 def _workers(jobs: int) -> Iterator[Executor | None]:
-    """`jobs` spawned worker processes, started (and their imports done) while the testbed builds."""
-    if jobs < 2:
+    """`jobs` spawned worker processes, started (and their imports done) while the testbed builds;
+    None (run in this process) for one job or where processes cannot be started."""
+    try:
+        pool = spawn_pool(jobs) if jobs > 1 else None
+    except (OSError, ImportError, NotImplementedError):  # no processes here: run in this one
+        pool = None
+    if pool is None:
         yield None
         return
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with pool:
         for _ in range(jobs):
             pool.submit(_warm_up)
         yield pool
