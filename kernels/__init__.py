@@ -3,14 +3,14 @@
 Every op module `surgery.kernels.<op>` exposes `<op>_reference` (plain PyTorch,
 fp32 math, the source of truth) and `<op>`, which dispatches to Triton for CUDA
 tensors and to the reference for CPU tensors, except `topk_mask` and `wanda_prune_`,
-whose CPU tensors take `_select_cpu`, a sort-free exact path that gives the reference's
-mask element for element (see `surgery.kernels.topk_mask`). Set `SURGERY_FORCE_TRITON=1`
+whose CPU tensors take `select_cpu`, a sort-free exact path that gives the reference's
+mask element for element (see `surgery.kernels.select_cpu`). Set `SURGERY_FORCE_TRITON=1`
 together with `TRITON_INTERPRET=1` (before Triton is imported) to run the Triton
 code on CPU (the tests do). This package imports nothing else from the project.
 
 Tie rule for every top-k/mask: elements are totally ordered by (score, flat index),
 as torch.sort(stable=True) orders them; "smallest k" are the first k, "largest k"
-the last k (see `surgery.kernels.topk_mask`).
+the last k (see `surgery.kernels.select_cpu`).
 """
 
 from ._runtime import HAS_TRITON

@@ -28,20 +28,10 @@ smallest n - k, which gives exactly the last k of the order.
 `wanda_prune_` computes the score |W| * sqrt(s) on the fly inside the same kernels
 and zeroes the selected weights in place: no score tensor, no sort, no int64 indices.
 
-CPU. CPU tensors dispatch to `_select_cpu`, a sort-free exact path (the sort reference
-stays the source of truth and the tests compare the two element for element). It works
-on blocks of rows of about `_CPU_BLOCK` elements, so its temporaries are a small
-fraction of the tensor. scope="row": per row, the threshold T (the k-th value) comes
-from an introselect (`numpy.partition`, no full sort); "largest" takes every score >= T,
-"smallest" every score <= T, and in the rare rows with more ties at T than wanted, a
-cumulative count over the ties drops the surplus: the lowest-index ties for "largest",
-the highest-index ones for "smallest", which is exactly the sort order. Scores are
-compared as fp32 floats (-0 == +0 natively); a block holding a NaN is compared through
-the same order-preserving int32 keys as the kernels (NaN on top, all NaNs equal).
-scope="tensor": two 16-bit radix rounds of `numpy.bincount` histograms of those keys
-over the blocks find T exactly, and a final pass selects with a running tie count in
-flat order. `wanda_prune_` scores each row block in fp32 (bit-identical to
-`wanda_score_reference`) and zeroes W in its own dtype.
+CPU. CPU tensors dispatch to `select_cpu` / `wanda_prune_cpu` (module `select_cpu`): a
+sort-free exact path (introselect per row block on a thread pool, radix histograms per
+tensor); the sort reference stays the source of truth and the tests compare the two
+element for element.
 """
 
 from __future__ import annotations
@@ -49,11 +39,11 @@ from __future__ import annotations
 import inspect
 import os
 
-import numpy as np
 import torch
 
 from ._runtime import HAS_TRITON, device_fn, interpreting, next_pow2, tl, triton, use_triton
-from .wanda_score import _sqrt_rn, wanda_score_reference
+from .select_cpu import select_cpu, wanda_prune_cpu
+from .wanda_score import wanda_score_reference
 
 __all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_reference_"]
 
@@ -68,9 +58,6 @@ _HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.hist
 _MAX_SINGLE = 8192
 _CHUNK = 4096
 _TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
-# Elements per row block on the CPU path (fp32 temporaries of a few MB: a small fraction of
-# a Linear weight, large enough that per-block Python overhead is negligible).
-_CPU_BLOCK = 1 << 19
 
 
 # --------------------------------------------------------------------------- reference
@@ -441,147 +428,6 @@ def _select(
     launch(X2, S, out2, j, largest, mode, block)
 
 
-# --------------------------------------------------------------------------- CPU path
-
-
-def _np_keys(x: np.ndarray) -> np.ndarray:
-    """Order-preserving int32 keys of fp32 values, as `_ordered_key`: NaN on top (all equal), -0 == +0."""
-    b = (x + np.float32(0.0)).view(np.int32)  # -0 + 0 = +0
-    key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
-    key[np.isnan(x)] = 0x7FFFFFFF
-    return key
-
-
-def _row_block_select(x: np.ndarray, k: int, largest: bool, out: np.ndarray) -> None:
-    """Write into `out` (bool, x's shape) the k largest (smallest) entries of every row of fp32 `x`."""
-    n = x.shape[1]
-    if k == 0 or k == n:
-        out[...] = k != 0
-        return
-    if np.isnan(x).any():  # float comparisons cannot order NaN: compare keys instead
-        x = _np_keys(x)
-    p = n - k if largest else k - 1
-    thr = np.partition(x, p, axis=1)[:, p : p + 1].copy()  # the k-th value of each row (introselect)
-    if largest:
-        np.greater_equal(x, thr, out=out)
-    else:
-        np.less_equal(x, thr, out=out)
-    extra = np.count_nonzero(out, axis=1) - k  # ties at the threshold beyond the count
-    bad = np.flatnonzero(extra)
-    if bad.size:
-        ties = x[bad] == thr[bad]
-        # 1-based rank of each tie, from the low-index end ("largest" drops the first ones)
-        # or from the high-index end ("smallest" drops the last ones).
-        rank = np.cumsum(ties, axis=1) if largest else np.cumsum(ties[:, ::-1], axis=1)[:, ::-1]
-        out[bad] &= ~(ties & (rank <= extra[bad, None]))
-
-
-def _tensor_select(blocks, numel: int, k: int, largest: bool, emit) -> None:
-    """Exact per-tensor select: `blocks()` yields (where, fp32 ndarray) in flat order, once per pass;
-    `emit(where, sel)` receives each block's bool selection in the final pass."""
-    if k == 0 or k == numel:
-        for where, x in blocks():
-            emit(where, np.full(x.shape, k != 0, dtype=bool))
-        return
-    p = numel - k if largest else k - 1  # the threshold is the p-th smallest (0-based) key
-    hist = np.zeros(65536, dtype=np.int64)
-    for _, x in blocks():
-        hist += np.bincount(((_np_keys(x) >> 16) + 32768).ravel(), minlength=65536)
-    cum = np.cumsum(hist)
-    hi = int(np.searchsorted(cum, p, side="right"))
-    below = int(cum[hi - 1]) if hi else 0
-    hist2 = np.zeros(65536, dtype=np.int64)
-    for _, x in blocks():
-        key = _np_keys(x).ravel()
-        hist2 += np.bincount(key[(key >> 16) == hi - 32768] & 0xFFFF, minlength=65536)
-    cum2 = np.cumsum(hist2)
-    lo = int(np.searchsorted(cum2, p - below, side="right"))
-    thr = np.int32(((hi - 32768) << 16) | lo)
-    n_lt = below + (int(cum2[lo - 1]) if lo else 0)
-    n_eq = int(hist2[lo])
-    # Ties at thr come in flat order: "largest" drops the first `skip`, "smallest" keeps the first `take`.
-    skip = n_eq - (k - (numel - n_lt - n_eq)) if largest else 0
-    take = k - n_lt if not largest else n_eq
-    seen = 0
-    for where, x in blocks():
-        key = _np_keys(x)
-        sel = key > thr if largest else key < thr
-        eq = key == thr
-        c = int(np.count_nonzero(eq))
-        if c:
-            if seen >= skip and seen + c <= take:
-                sel |= eq
-            elif seen + c > skip and seen < take:
-                rank = (seen + np.cumsum(eq.ravel())).reshape(eq.shape)  # 1-based flat rank among the ties
-                sel |= eq & (rank > skip) & (rank <= take)
-            seen += c
-        emit(where, sel)
-
-
-def _select_cpu(scores: torch.Tensor, k: int, largest: bool, scope: str, out: torch.Tensor | None) -> torch.Tensor:
-    """Sort-free exact top-k mask of CPU `scores` (same mask as `topk_mask_reference`), in row blocks."""
-    direct = (out is not None and out.shape == scores.shape and out.dtype == torch.bool and out.is_contiguous())
-    mask = out if direct else torch.empty(scores.shape, dtype=torch.bool)
-    x = scores.detach()
-    if x.numel() == 0:
-        mask.fill_(False)
-    elif scope == "row":
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n)
-        m2 = mask.view(x2.shape).numpy()
-        rb = max(1, _CPU_BLOCK // max(n, 1))
-        for r0 in range(0, x2.shape[0], rb):
-            xb = x2[r0 : r0 + rb].float().contiguous().numpy()
-            _row_block_select(xb, k, largest, m2[r0 : r0 + rb])
-    else:
-        flat = x.reshape(-1)
-        mflat = mask.view(-1).numpy()
-
-        def blocks():
-            for a in range(0, flat.numel(), _CPU_BLOCK):
-                yield a, flat[a : a + _CPU_BLOCK].float().contiguous().numpy()
-
-        def emit(a, sel):
-            mflat[a : a + sel.size] = sel
-
-        _tensor_select(blocks, flat.numel(), k, largest, emit)
-    if out is not None and not direct:
-        out.copy_(mask)
-        return out
-    return mask
-
-
-def _wanda_prune_cpu(W: torch.Tensor, sq_norms: torch.Tensor, k: int, largest: bool, scope: str) -> torch.Tensor:
-    """Fused CPU Wanda prune: fp32 scores per row block (as `wanda_score_reference`), zeros in W's dtype."""
-    n_rows, n = W.shape
-    if W.numel() == 0:
-        return W
-    root = _sqrt_rn(sq_norms.detach()).reshape(1, -1)
-    rb = max(1, _CPU_BLOCK // n)
-
-    def score(r0: int) -> np.ndarray:
-        return (W[r0 : r0 + rb].detach().float().abs() * root).numpy()
-
-    if scope == "row":
-        buf = np.empty((min(rb, n_rows), n), dtype=bool)
-        for r0 in range(0, n_rows, rb):
-            s = score(r0)
-            sel = buf[: s.shape[0]]
-            _row_block_select(s, k, largest, sel)
-            W[r0 : r0 + rb].masked_fill_(torch.from_numpy(sel), 0)
-        return W
-
-    def blocks():
-        for r0 in range(0, n_rows, rb):
-            yield r0, score(r0)
-
-    def emit(r0, sel):
-        W[r0 : r0 + rb].masked_fill_(torch.from_numpy(sel), 0)
-
-    _tensor_select(blocks, W.numel(), k, largest, emit)
-    return W
-
-
 # --------------------------------------------------------------------------- public
 
 
@@ -597,7 +443,7 @@ def topk_mask(
     """Bool mask of the k = int(n * ratio) largest (or smallest) scores per row or per tensor.
 
     Ties follow the module's rule (the torch.sort(stable=True) order). Triton radix
-    select on CUDA (no sort, no int64 indices); on CPU `_select_cpu`, a sort-free exact
+    select on CUDA (no sort, no int64 indices); on CPU `select_cpu`, a sort-free exact
     path (introselect per row block, radix histograms per tensor).
     `out` (bool, scores' shape) receives the mask if given.
     """
@@ -608,7 +454,7 @@ def topk_mask(
     kk = _count(n, ratio, k)
     if not use_triton(scores):
         if scores.device.type == "cpu":
-            return _select_cpu(scores, kk, largest, scope, out)
+            return select_cpu(scores, kk, largest, scope, out)
         mask = topk_mask_reference(scores, ratio, largest, scope, kk)
         if out is None:
             return mask
@@ -636,7 +482,7 @@ def wanda_prune_(
 
     Per row (Wanda, Antidote) or per tensor. On CUDA one fused kernel computes the
     score on the fly, radix-selects and writes zeros: no score tensor, sort or indices.
-    On CPU the same sort-free selection as `_select_cpu`, scoring one row block at a time.
+    On CPU the same sort-free selection as `select_cpu`, scoring one row block at a time.
     """
     _check_scope(scope)
     if W.dim() != 2 or sq_norms.dim() != 1 or sq_norms.shape[0] != W.shape[1]:
@@ -647,7 +493,7 @@ def wanda_prune_(
     kk = _count(n, ratio, k)
     if not use_triton(W, sq_norms):
         if W.device.type == "cpu" and sq_norms.device.type == "cpu":
-            return _wanda_prune_cpu(W, sq_norms, kk, largest, scope)
+            return wanda_prune_cpu(W, sq_norms, kk, largest, scope)
         return wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
     if interpreting() and W.dtype == torch.bfloat16:
         work = W.float()

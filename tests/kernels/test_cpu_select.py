@@ -1,4 +1,4 @@
-"""The CPU selection path (`_select_cpu`, `_wanda_prune_cpu`) equals the sort reference exactly.
+"""The CPU selection path (`select_cpu`, `wanda_prune_cpu`) equals the sort reference exactly.
 
 The dispatchers send CPU tensors there (this directory forces Triton, so each test turns
 the switch off). Blocks are shrunk so that every case spans several row blocks and, for
@@ -7,13 +7,10 @@ scope="tensor", ties straddle block boundaries.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
+import surgery.kernels.select_cpu as cpu
 import torch
 from surgery.kernels.topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
-
-tm = sys.modules["surgery.kernels.topk_mask"]  # the package re-exports `topk_mask` under the module's name
 
 SHAPES = [(1, 1), (1, 37), (37, 1), (5, 17), (7, 64), (3, 2, 33), (13, 130)]
 KINDS = ["random", "ties", "signed_zero", "inf_nan", "constant"]
@@ -22,7 +19,7 @@ KINDS = ["random", "ties", "signed_zero", "inf_nan", "constant"]
 @pytest.fixture(autouse=True)
 def _cpu_path(monkeypatch):
     monkeypatch.setenv("SURGERY_FORCE_TRITON", "0")
-    monkeypatch.setattr(tm, "_CPU_BLOCK", 64)
+    monkeypatch.setattr(cpu, "_CPU_BLOCK", 64)
 
 
 def make(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +89,7 @@ def test_empty():
 
 @pytest.mark.parametrize("block", [1, 64, 1 << 19])
 def test_block_size_does_not_matter(block, monkeypatch, gen):
-    monkeypatch.setattr(tm, "_CPU_BLOCK", block)
+    monkeypatch.setattr(cpu, "_CPU_BLOCK", block)
     x = torch.randint(0, 3, (17, 29), generator=gen).float()
     for scope in ("row", "tensor"):
         for k in (1, 7, 28 if scope == "row" else 400):
@@ -155,3 +152,34 @@ def test_dispatch_takes_the_cpu_path(monkeypatch, gen):
     assert torch.equal(wanda_prune_(W, s, 0.5), W_ref)
     for scope in ("row", "tensor"):
         topk_mask(x, 0.3, False, scope)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_matter(threads, monkeypatch, gen):
+    """Row blocks run on a pool of torch.get_num_threads() threads; one thread gives the same mask."""
+    monkeypatch.setattr(cpu, "_CPU_BLOCK", 1 << 12)  # several blocks of real-sized rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(40, 700, generator=gen)
+        x[::3, ::7] = 0.5  # rows with many ties at some thresholds
+        W = torch.randn(40, 700, generator=gen)
+        s = torch.rand(700, generator=gen)
+        for k in (1, 70, 350, 699):
+            for largest in (True, False):
+                assert torch.equal(topk_mask(x, 0, largest, "row", k=k), topk_mask_reference(x, 0, largest, "row", k=k))
+                ref = wanda_prune_reference_(W.clone(), s, 0, largest, "row", k=k)
+                assert torch.equal(wanda_prune_(W.clone(), s, 0, largest, "row", k=k), ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_error_reaches_the_caller(monkeypatch):
+    """An exception inside a pooled block is raised in the caller, not lost in the pool."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("block failed")
+
+    monkeypatch.setattr(cpu, "_row_block_select", boom)
+    with pytest.raises(RuntimeError, match="block failed"):
+        topk_mask(torch.randn(64, 64), 0.5, True, "row")
