@@ -24,7 +24,13 @@ from .rank_one import (
 from .safelora_project import column_space_basis, safelora_project, safelora_project_reference
 from .salora_project import salora_fold, salora_fold_reference, salora_project, salora_project_reference
 from .setdiff_mask import setdiff_mask, setdiff_mask_reference
-from .topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
+from .topk_mask import (
+    topk_mask,
+    topk_mask_reference,
+    wanda_prune_,
+    wanda_prune_count_,
+    wanda_prune_reference_,
+)
 from .wanda_score import wanda_score, wanda_score_reference
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "topk_mask",
     "topk_mask_reference",
     "wanda_prune_",
+    "wanda_prune_count_",
     "wanda_prune_reference_",
     "setdiff_mask",
     "setdiff_mask_reference",

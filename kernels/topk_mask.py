@@ -45,7 +45,7 @@ from ._runtime import HAS_TRITON, device_fn, interpreting, next_pow2, tl, triton
 from .select_cpu import select_cpu, wanda_prune_cpu
 from .wanda_score import wanda_score_reference
 
-__all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_reference_"]
+__all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_count_", "wanda_prune_reference_"]
 
 _SCOPES = ("row", "tensor")
 # Triton >= 3.7-ish has `tl.histogram(..., mask=)`; older versions need the bin-0 trick.
@@ -484,6 +484,21 @@ def wanda_prune_(
     score on the fly, radix-selects and writes zeros: no score tensor, sort or indices.
     On CPU the same sort-free selection as `select_cpu`, scoring one row block at a time.
     """
+    wanda_prune_count_(W, sq_norms, ratio, largest, scope, k, _block)
+    return W
+
+
+def wanda_prune_count_(
+    W: torch.Tensor,
+    sq_norms: torch.Tensor,
+    ratio: float,
+    largest: bool = False,
+    scope: str = "row",
+    k: int | None = None,
+    _block: int | None = None,
+) -> int:
+    """`wanda_prune_`, returning how many nonzero weights it zeroed (what a surgery report
+    counts): counted inside the CPU path's row blocks, by `count_nonzero` elsewhere."""
     _check_scope(scope)
     if W.dim() != 2 or sq_norms.dim() != 1 or sq_norms.shape[0] != W.shape[1]:
         raise ValueError(
@@ -491,17 +506,18 @@ def wanda_prune_(
         )
     n = W.numel() if scope == "tensor" else W.shape[1]
     kk = _count(n, ratio, k)
+    if not use_triton(W, sq_norms) and W.device.type == "cpu" and sq_norms.device.type == "cpu":
+        return wanda_prune_cpu(W, sq_norms, kk, largest, scope)
+    before = int(torch.count_nonzero(W))
     if not use_triton(W, sq_norms):
-        if W.device.type == "cpu" and sq_norms.device.type == "cpu":
-            return wanda_prune_cpu(W, sq_norms, kk, largest, scope)
-        return wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
-    if interpreting() and W.dtype == torch.bfloat16:
+        wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
+    elif interpreting() and W.dtype == torch.bfloat16:
         work = W.float()
         _select(work, sq_norms.float().contiguous(), None, n, kk, largest, scope, 1, _block)
         W.copy_(work)
-        return W
-    work = W if W.is_contiguous() else W.contiguous()
-    _select(work, sq_norms.contiguous(), None, n, kk, largest, scope, 1, _block)
-    if work is not W:
-        W.copy_(work)
-    return W
+    else:
+        work = W if W.is_contiguous() else W.contiguous()
+        _select(work, sq_norms.contiguous(), None, n, kk, largest, scope, 1, _block)
+        if work is not W:
+            W.copy_(work)
+    return before - int(torch.count_nonzero(W))

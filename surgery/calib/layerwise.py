@@ -158,6 +158,7 @@ class ModelSkeleton:
             )
         self.prefix = self._find_prefix(ckpt)
         self.layers: list[nn.Module | None] = list(layers)
+        self.spare = SpareTensors()
         self.sink: dict[str, Any] = {"hidden": None, "kwargs": []}
         n = len(layers)
         model.layers = nn.ModuleList([_Recorder(i, i == n - 1, self.sink) for i in range(n)])
@@ -183,8 +184,7 @@ class ModelSkeleton:
             raise SurgeryError(f"{ckpt.path} has no `embed_tokens.weight`; not a supported decoder-only checkpoint")
         return hits[0][: -len("embed_tokens.weight")]
 
-    @staticmethod
-    def _load(module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+    def _load(self, module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
               dtypes: dict[str, torch.dtype] | None = None, keep: set[str] | None = None) -> None:
         """Assign the module's parameters and persistent buffers from the checkpoint, cast to `dtype`."""
         state: dict[str, torch.Tensor] = {}
@@ -203,7 +203,7 @@ class ModelSkeleton:
             cast = stored.is_floating_point and not (keep and key in keep)
             want = dtype if cast else stored
             if device.type == "cpu" and want != stored and ckpt.raw_location(name) is not None:
-                state[key] = read_cast(ckpt, name, want)
+                state[key] = read_cast(ckpt, name, want, out=self.spare.take(value.shape, want))
             else:
                 state[key] = ckpt.get(name).to(device=device, dtype=want)
         if missing:
@@ -249,13 +249,16 @@ _STAGING = threading.local()  # read_cast's reused block per stored dtype, one s
 _STAGING_ELEMENTS = 1 << 20
 
 
-def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
+def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """A checkpoint tensor cast to `dtype` on the CPU, read a block at a time into reused
     staging memory: the stored-dtype copy `Checkpoint.get` would allocate (and fault in) is
-    never made."""
+    never made. `out` (contiguous, right shape and dtype) receives it if given."""
     info = ckpt.info(name)
     stored = info.torch_dtype
-    out = torch.empty(info.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(info.shape, dtype=dtype)
+    elif tuple(out.shape) != tuple(info.shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"read_cast: out must be a contiguous {dtype} tensor of shape {list(info.shape)}")
     flat = out.view(-1)
     staging = _STAGING.__dict__.setdefault("staging", Staging())
     for a in range(0, flat.numel(), _STAGING_ELEMENTS):
@@ -263,6 +266,38 @@ def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype) -> torch.Tensor:
         ckpt.read_into(name, as_bytes(part), a * stored.itemsize)
         flat[a : a + part.numel()].copy_(part)
     return out
+
+
+class SpareTensors:
+    """CPU parameter memory of a finished decoder layer, handed to the next layer's reads.
+
+    Decoder layers share their shapes, so layer i + 1 can be read into layer i's fp32
+    weights instead of fresh memory; fresh memory costs a page fault per 4 KiB (on a
+    1B-parameter checkpoint, about as long as the reads themselves). A tensor is taken
+    back only when nothing else holds its storage (use count checked), so a weight an edit
+    kept a reference or view to is never overwritten. Holds at most one layer's tensors."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """A spare tensor of this shape and dtype (contents undefined), or None."""
+        bucket = self._free.get((tuple(shape), dtype))
+        return bucket.pop() if bucket else None
+
+    def give(self, module: nn.Module) -> None:
+        """Keep the module's exclusively held, contiguous CPU parameters; forget the previous spares."""
+        self._free = {}
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if use_count is None:
+            return
+        for p in module.parameters():
+            t = p.data
+            if t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0:
+                continue
+            # holders: the parameter, `t` and the storage object asked; anything more is someone else's
+            if use_count(t.untyped_storage()._cdata) == 3 and t.untyped_storage().nbytes() == t.nbytes:
+                self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
 
 def _inject_lora(layer: nn.Module, prefix: str, modules: dict[str, Any], adapter: LoraAdapter,
@@ -423,6 +458,7 @@ def calibrate_layerwise(
             result.update(collector.stats)
         for b in range(len(batches)):
             layer_kwargs[b][i] = {}
+        skeleton.spare.give(layer)  # the next layer is read into this one's memory
         del layer, lora, collector
         _release_memory()
     return result

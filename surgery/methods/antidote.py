@@ -36,7 +36,7 @@ from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
-from surgery.kernels.topk_mask import topk_mask, wanda_prune_
+from surgery.kernels.topk_mask import topk_mask, wanda_prune_count_
 from surgery.kernels.wanda_score import wanda_score
 from surgery.methods.wanda import (
     DEFAULT_MAX_LENGTH,
@@ -66,10 +66,11 @@ def _k(shape: torch.Size, ratio: float, scope: str) -> tuple[int, int]:
     return antidote_count(shape[0] * shape[1], ratio), 1
 
 
-def antidote_prune_(W: torch.Tensor, sq_norms: torch.Tensor, ratio: float, scope: str = "row") -> torch.Tensor:
-    """Zero in place the highest-scoring |W|·||X|| share `ratio` of W per row (or tensor); returns W."""
+def antidote_prune_(W: torch.Tensor, sq_norms: torch.Tensor, ratio: float, scope: str = "row") -> int:
+    """Zero in place the highest-scoring |W|·||X|| share `ratio` of W per row (or tensor);
+    returns how many nonzero weights became zero."""
     k, _ = _k(W.shape, ratio, scope)
-    return wanda_prune_(W, sq_norms, ratio, largest=True, scope=scope, k=k)
+    return wanda_prune_count_(W, sq_norms, ratio, largest=True, scope=scope, k=k)
 
 
 def antidote_mask(delta: torch.Tensor, sq_norms: torch.Tensor, ratio: float, scope: str = "row") -> torch.Tensor:
@@ -81,9 +82,8 @@ def antidote_mask(delta: torch.Tensor, sq_norms: torch.Tensor, ratio: float, sco
 def _prune_edit(ratio: float, scope: str):
     def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
         k, groups = _k(W.shape, ratio, scope)
-        before = int(torch.count_nonzero(W))
-        antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
-        return TensorChange(name, list(W.shape), k * groups, before - int(torch.count_nonzero(W)))
+        changed = antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
+        return TensorChange(name, list(W.shape), k * groups, changed)
 
     return edit
 
@@ -227,10 +227,8 @@ def _antidote_adapter(
                 W = getattr(wrapper, part).weight.data
                 st = ctx.stats[f"{path}.{part}"]
                 k, groups = _k(W.shape, ratio, scope)
-                before = int(torch.count_nonzero(W))
-                antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
-                report.tensors.append(TensorChange(key, list(W.shape), k * groups,
-                                                   before - int(torch.count_nonzero(W))))
+                changed = antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
+                report.tensors.append(TensorChange(key, list(W.shape), k * groups, changed))
                 new[key] = W.detach().to("cpu", adapter.info(key).torch_dtype).clone()
             _sync()
             edit_seconds += time.perf_counter() - t0

@@ -34,7 +34,7 @@ from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
-from surgery.kernels.topk_mask import wanda_prune_
+from surgery.kernels.topk_mask import wanda_prune_count_
 from surgery.progress import track
 
 __all__ = ["TensorChange", "SurgeryReport", "layer_surgery", "wanda", "wanda_edit", "default_device"]
@@ -229,11 +229,10 @@ def wanda_edit(sparsity: float, scope: str = "row") -> Edit:
 
     def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
         s = st.sq_norms.to(W.device)
-        before = int(torch.count_nonzero(W))
-        wanda_prune_(W, s, sparsity, largest=False, scope=scope)
+        changed = wanda_prune_count_(W, s, sparsity, largest=False, scope=scope)
         n = W.shape[1] if scope == "row" else W.numel()
         rows = W.shape[0] if scope == "row" else 1
-        return TensorChange(name, list(W.shape), rows * int(n * sparsity), before - int(torch.count_nonzero(W)))
+        return TensorChange(name, list(W.shape), rows * int(n * sparsity), changed)
 
     return edit
 

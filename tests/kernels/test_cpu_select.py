@@ -16,10 +16,15 @@ SHAPES = [(1, 1), (1, 37), (37, 1), (5, 17), (7, 64), (3, 2, 33), (13, 130)]
 KINDS = ["random", "ties", "signed_zero", "inf_nan", "constant"]
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
+@pytest.fixture(autouse=True, params=["jit", "numpy"])
+def _cpu_path(request, monkeypatch):
+    """Every test runs on both CPU implementations: the compiled row select and numpy's."""
     monkeypatch.setenv("SURGERY_FORCE_TRITON", "0")
+    monkeypatch.setenv("SURGERY_CPU_JIT", "1" if request.param == "jit" else "0")
     monkeypatch.setattr(cpu, "_CPU_BLOCK", 64)
+    if request.param == "jit":
+        assert cpu.jit_available()
+    return request.param
 
 
 def make(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -181,5 +186,39 @@ def test_worker_error_reaches_the_caller(monkeypatch):
         raise RuntimeError("block failed")
 
     monkeypatch.setattr(cpu, "_row_block_select", boom)
+    if cpu._jit() is not None:
+        monkeypatch.setattr(cpu._jit(), "select_rows", boom)
     with pytest.raises(RuntimeError, match="block failed"):
         topk_mask(torch.randn(64, 64), 0.5, True, "row")
+
+
+def test_prune_count_is_the_number_of_nonzero_weights_zeroed(gen):
+    """`wanda_prune_count_` returns exactly how many nonzero weights became zero, also when some
+    selected weights were already zero."""
+    from surgery.kernels.topk_mask import wanda_prune_count_
+
+    W = torch.randint(-2, 3, (23, 57), generator=gen).float()  # about a fifth already zero
+    s = torch.rand(57, generator=gen) + 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        for scope in ("row", "tensor"):
+            for largest in (True, False):
+                got = W.to(dtype)
+                before = int(torch.count_nonzero(got))
+                changed = wanda_prune_count_(got, s, 0.3, largest, scope)
+                assert changed == before - int(torch.count_nonzero(got)), (dtype, scope, largest)
+                ref = wanda_prune_reference_(W.to(dtype), s, 0.3, largest, scope)
+                assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("n", [2048, 5632])
+def test_real_shaped_rows(n, monkeypatch, gen):
+    """Rows shaped and distributed like a model's (bf16-rounded weights, many in one exponent
+    bin, exact ties across columns) match the sort reference, at Antidote's and Wanda's counts."""
+    monkeypatch.setattr(cpu, "_CPU_BLOCK", 1 << 17)
+    W = (torch.randn(48, n, generator=gen) * 0.02).to(torch.bfloat16).float()
+    s = torch.randint(1, 4, (n,), generator=gen).float()  # equal norms: equal scores within a row
+    for k, largest in ((n - int(n * 0.9), True), (n // 2, False)):
+        ref = wanda_prune_reference_(W.clone(), s, 0, largest, "row", k=k)
+        assert torch.equal(wanda_prune_(W.clone(), s, 0, largest, "row", k=k), ref)
+        scores = W.abs() * s.sqrt()
+        assert torch.equal(topk_mask(scores, 0, largest, "row", k=k), topk_mask_reference(scores, 0, largest, "row", k=k))
