@@ -19,9 +19,10 @@ Reported: median ms of both, speedup, GB/s of useful bytes (each input read once
 output written once) and its share of the device's copy bandwidth measured in the same
 run (`dst.copy_(src)` on 1 GiB). Every row also checks that both give the same result.
 
-Without CUDA the GPU rows make no sense (the CPU path of each op *is* its reference), so
+Without CUDA the GPU rows make no sense (the CPU path of most ops *is* its reference), so
 the script runs the CPU comparisons that do: SafeLoRA low-rank vs dense at r = 16,
-streaming statistics vs the hook code, and a per-tensor mask beyond 2^24 elements where
+streaming statistics vs the hook code, the sort-free CPU select (`topk_mask`,
+`wanda_prune_`) vs the sort, and a per-tensor mask beyond 2^24 elements where
 `torch.quantile` refuses. Results: `benchmarks/results/kernels-<device>.json`, `.md`, `.png`.
 
     python benchmarks/kernels.py [--quick] [--shapes 4096x4096,...] [--dtypes bf16,fp32] [--ops mask,prune,...]
@@ -52,7 +53,9 @@ from surgery.kernels import (
     safelora_project_reference,
     salora_project,
     topk_mask,
+    topk_mask_reference,
     wanda_prune_,
+    wanda_prune_reference_,
     wanda_score,
 )
 
@@ -358,6 +361,25 @@ def cpu_rows(dev: torch.device, copy_gbps: float, quick: bool, gen: torch.Genera
         out.append(row("channel_sq_norms", (TOKENS, d), "fp32", ms, "hook torch.norm**2", bms, X.numel() * 4 + TOKENS,
                        copy_gbps, f"rel {e:.1e}"))
         print(f"  sq_norms {d}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
+    # the sort-free CPU select (select_cpu: compiled row select, numpy per tensor) vs the sort
+    for shape in [(2048, 5632)] if quick else [(2048, 5632), (4096, 14336)]:
+        score = torch.rand(shape, generator=gen)
+        W = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        s = torch.rand(shape[1], generator=gen)
+        numel = score.numel()
+        for scope, ratio in (("row", 0.1), ("tensor", 0.5)):
+            same = torch.equal(topk_mask(score, ratio, True, scope), topk_mask_reference(score, ratio, True, scope))
+            ms = bench(lambda sc=score, r=ratio, sp=scope: topk_mask(sc, r, True, sp), dev, quick)
+            bms = bench(lambda sc=score, r=ratio, sp=scope: topk_mask_reference(sc, r, True, sp), dev, True)
+            out.append(row(f"topk_mask {scope} {ratio:g} (CPU select)", shape, "fp32", ms, "torch.sort", bms,
+                           numel * 5, copy_gbps, "mask equal" if same else "MISMATCH"))
+            print(f"  cpu select {scope} {shape}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
+        same = torch.equal(wanda_prune_(W.clone(), s, 0.5), wanda_prune_reference_(W.clone(), s, 0.5))
+        ms = bench(lambda W=W, s=s: wanda_prune_(W.clone(), s, 0.5), dev, quick)
+        bms = bench(lambda W=W, s=s: wanda_prune_reference_(W.clone(), s, 0.5), dev, True)
+        out.append(row("wanda_prune_ row 0.5 (CPU select)", shape, "bf16", ms, "score + torch.sort + fill", bms,
+                       numel * 4, copy_gbps, "weights equal" if same else "MISMATCH", "both times include a clone"))
+        print(f"  cpu prune {shape}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
     # per-tensor mask past 2^24 elements, where torch.quantile refuses
     shape = (4096, 4097)
     x = torch.randn(shape, generator=gen)
@@ -371,7 +393,7 @@ def cpu_rows(dev: torch.device, copy_gbps: float, quick: bool, gen: torch.Genera
     ms = bench(lambda: topk_mask(x, 0.5, scope="tensor"), dev, True)
     out.append(row("topk_mask tensor", shape, "fp32", ms, "torch.quantile", None, n * 5, copy_gbps,
                    "count exact" if int(m.sum()) == int(n * 0.5) else "MISMATCH",
-                   f"{n / 2**24:.2f}x 2^24 elements; {qnote}; CPU path = sort reference"))
+                   f"{n / 2**24:.2f}x 2^24 elements; {qnote}; CPU path = select_cpu's radix histograms"))
     return out
 
 
