@@ -25,7 +25,6 @@ compute dtype) and the per-layer keyword tensors.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ from surgery.calib.data import Sample
 from surgery.calib.stats import Batch, LinearStats, StatsCollector, make_batches
 from surgery.errors import MismatchError, SurgeryError
 from surgery.io.checkpoint import Checkpoint
-from surgery.io.staging import Staging, as_bytes
 from surgery.progress import track
 
 if TYPE_CHECKING:
@@ -203,7 +201,7 @@ class ModelSkeleton:
             cast = stored.is_floating_point and not (keep and key in keep)
             want = dtype if cast else stored
             if device.type == "cpu" and want != stored and ckpt.raw_location(name) is not None:
-                state[key] = read_cast(ckpt, name, want, out=self.spare.take(value.shape, want))
+                state[key] = ckpt.read_cast(name, want, out=self.spare.take(value.shape, want))
             else:
                 state[key] = ckpt.get(name).to(device=device, dtype=want)
         if missing:
@@ -243,29 +241,6 @@ class ModelSkeleton:
         if hidden is None or len(per_layer) != len(self.layers):
             raise SurgeryError("the model did not call its decoder layers as expected; unsupported architecture")
         return hidden, per_layer
-
-
-_STAGING = threading.local()  # read_cast's reused block per stored dtype, one set per thread
-_STAGING_ELEMENTS = 1 << 20
-
-
-def read_cast(ckpt: Checkpoint, name: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A checkpoint tensor cast to `dtype` on the CPU, read a block at a time into reused
-    staging memory: the stored-dtype copy `Checkpoint.get` would allocate (and fault in) is
-    never made. `out` (contiguous, right shape and dtype) receives it if given."""
-    info = ckpt.info(name)
-    stored = info.torch_dtype
-    if out is None:
-        out = torch.empty(info.shape, dtype=dtype)
-    elif tuple(out.shape) != tuple(info.shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"read_cast: out must be a contiguous {dtype} tensor of shape {list(info.shape)}")
-    flat = out.view(-1)
-    staging = _STAGING.__dict__.setdefault("staging", Staging())
-    for a in range(0, flat.numel(), _STAGING_ELEMENTS):
-        part = staging.get("read", stored, min(_STAGING_ELEMENTS, flat.numel() - a))
-        ckpt.read_into(name, as_bytes(part), a * stored.itemsize)
-        flat[a : a + part.numel()].copy_(part)
-    return out
 
 
 class SpareTensors:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from surgery.errors import CorruptFileError, InputNotFoundError, PickleRefusedError, UnsafePathError
 from surgery.io.header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, dtype_name, read_header
-from surgery.io.staging import flat_bytes
+from surgery.io.staging import Staging, as_bytes, flat_bytes
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -51,6 +51,10 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+_STAGING = threading.local()  # read_cast's reused block per stored dtype, one set per thread
+_STAGING_ELEMENTS = 1 << 20
 
 
 def _check_shard_name(directory: Path, name: Any, index_path: Path) -> Path:
@@ -296,6 +300,27 @@ class Checkpoint:
             if got == 0:
                 raise CorruptFileError(f"{where[0]} ends inside tensor {name}; re-download or re-export it")
             done += got
+
+    def read_cast(self, name: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor cast to `dtype` on the CPU, read a block at a time into reused per-thread
+        staging memory (`read_into`): the stored-dtype copy `get` would allocate (and fault in)
+        is never made. `out` (contiguous, this shape and dtype) receives it if given, so a
+        caller can recycle memory. Where raw reads are impossible, `get` then a cast."""
+        info = self.info(name)
+        if out is None:
+            out = torch.empty(info.shape, dtype=dtype)
+        elif tuple(out.shape) != tuple(info.shape) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"read_cast: out must be a contiguous {dtype} tensor of shape {list(info.shape)}")
+        if self.raw_location(name) is None:
+            return out.copy_(self.get(name))
+        stored = info.torch_dtype
+        flat = out.view(-1)
+        staging = _STAGING.__dict__.setdefault("staging", Staging())
+        for a in range(0, flat.numel(), _STAGING_ELEMENTS):
+            part = staging.get("read", stored, min(_STAGING_ELEMENTS, flat.numel() - a))
+            self.read_into(name, as_bytes(part), a * stored.itemsize)
+            flat[a : a + part.numel()].copy_(part)
+        return out
 
     def close(self) -> None:
         self._handles.clear()

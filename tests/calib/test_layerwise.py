@@ -115,21 +115,6 @@ def test_sliding_window_layers_get_their_own_mask(tmp_path):
     _assert_same(collect_linear_stats(model, samples), calibrate_layerwise(tmp_path / "sw", samples))
 
 
-def test_read_cast_equals_get_then_cast(tmp_path, monkeypatch):
-    """The staged read of a bf16 tensor into fp32 equals `Checkpoint.get(name).float()`, also when
-    the tensor spans many staging blocks and ends in a partial one."""
-    from surgery.calib import layerwise
-    from surgery.io.checkpoint import Checkpoint
-
-    base = make_base(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
-    ckpt = Checkpoint.open(base)
-    monkeypatch.setattr(layerwise, "_STAGING_ELEMENTS", 77)
-    monkeypatch.setattr(layerwise, "_STAGING", __import__("threading").local())
-    for name in ckpt.names():
-        got = layerwise.read_cast(ckpt, name, torch.float32)
-        assert got.dtype == torch.float32 and torch.equal(got, ckpt.get(name).float()), name
-
-
 def test_next_layer_is_read_into_the_previous_layers_memory(tmp_path):
     """Layer i + 1's fp32 weights reuse layer i's storage (no fresh memory), unless something still
     holds a view of a weight: that weight keeps its values and its memory is not taken."""

@@ -86,3 +86,31 @@ def test_pickle_refused_then_loaded_weights_only(tmp_path):
         Checkpoint.open(tmp_path / "m")
     ckpt = Checkpoint.open(tmp_path / "m", allow_pickle=True)
     assert ckpt.names() == ["w"] and torch.equal(ckpt.get("w"), torch.arange(4.0))
+
+
+def test_read_cast_equals_get_then_cast(tmp_path, monkeypatch):
+    """The staged read of bf16/fp16 tensors into fp32 equals `get(name).float()`, also across many
+    staging blocks ending in a partial one, into a given `out`, and for a pickle checkpoint
+    (no raw reads: `get` then a cast)."""
+    from surgery.io import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 33, generator=g).to(torch.bfloat16), "b": torch.randn(301, generator=g).half(),
+               "c": torch.randn(2, 3, generator=g)}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    monkeypatch.setattr(checkpoint, "_STAGING_ELEMENTS", 77)
+    monkeypatch.setattr(checkpoint, "_STAGING", __import__("threading").local())
+    ckpt = Checkpoint.open(tmp_path / "m")
+    for name, t in tensors.items():
+        got = ckpt.read_cast(name, torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, t.float()), name
+        out = torch.full(t.shape, 7.0)
+        assert ckpt.read_cast(name, torch.float32, out=out) is out and torch.equal(out, t.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        ckpt.read_cast("a", torch.float32, out=torch.empty(33, 7).t())
+    with pytest.raises(ValueError, match="shape"):
+        ckpt.read_cast("a", torch.float32, out=torch.empty(7, 32))
+    torch.save(tensors, tmp_path / "p.bin")
+    pickled = Checkpoint.open(tmp_path / "p.bin", allow_pickle=True)
+    assert torch.equal(pickled.read_cast("a", torch.float32), tensors["a"].float())
