@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from surgery.errors import DataError, InputNotFoundError, MismatchError, SurgeryError
+from surgery.eval.generate import encode_prompt
 
 DIRECTION_FILE = "refusal_direction.safetensors"
 REPORT_FILE = "surgery_edit.json"
@@ -114,17 +115,6 @@ def module(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 # --- tokens and batches ----------------------------------------------------------------------
-
-
-def encode_chat(tokenizer: Any, prompt: str) -> list[int]:
-    """A prompt as the model sees it: its chat template with the generation prompt, else plain tokens."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
 
 
 def post_instruction_length(tokenizer: Any, encoded: Sequence[Sequence[int]]) -> int:
@@ -321,7 +311,7 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
     rng = random.Random(seed)
 
     def split(prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
-        enc = [encode_chat(tokenizer, p) for p in prompts]
+        enc = [encode_prompt(tokenizer, p) for p in prompts]
         rng.shuffle(enc)
         n_val = min(64, max(1, int(len(enc) * val_fraction)))
         return enc[n_val:], enc[:n_val]
