@@ -80,6 +80,15 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be 'row' or 'tensor', got {scope!r}")
 
 
+def _mask_count(scores: torch.Tensor, ratio: float, scope: str, k: int | None) -> tuple[int, int]:
+    """(group size n, count k) of a mask request, after checking scope, shape and count."""
+    _check_scope(scope)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension")
+    n = scores.numel() if scope == "tensor" else scores.shape[-1]
+    return n, _count(n, ratio, k)
+
+
 def topk_mask_reference(
     scores: torch.Tensor,
     ratio: float,
@@ -92,13 +101,9 @@ def topk_mask_reference(
     The formulation of Wanda (lowest k per row) and Antidote (highest k per row);
     the source of truth for the tie rule in the module docstring.
     """
-    _check_scope(scope)
-    if scores.dim() == 0:
-        raise ValueError("scores must have at least one dimension")
+    n, kk = _mask_count(scores, ratio, scope, k)
     x = scores.float()
-    x = x.reshape(1, -1) if scope == "tensor" else x.reshape(-1, scores.shape[-1])
-    n = x.shape[-1]
-    kk = _count(n, ratio, k)
+    x = x.reshape(1, -1) if scope == "tensor" else x.reshape(-1, n)
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     if kk > 0 and x.numel() > 0:
         idx = torch.sort(x, dim=-1, stable=True)[1]
@@ -447,11 +452,7 @@ def topk_mask(
     path (introselect per row block, radix histograms per tensor).
     `out` (bool, scores' shape) receives the mask if given.
     """
-    _check_scope(scope)
-    if scores.dim() == 0:
-        raise ValueError("scores must have at least one dimension")
-    n = scores.numel() if scope == "tensor" else scores.shape[-1]
-    kk = _count(n, ratio, k)
+    n, kk = _mask_count(scores, ratio, scope, k)
     if not use_triton(scores):
         if scores.device.type == "cpu":
             return select_cpu(scores, kk, largest, scope, out)
