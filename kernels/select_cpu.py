@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ _JIT_MODULE: list = []  # [module or None] once imported: numba loads on first u
 _CPU_BLOCK = 1 << 17
 
 _POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
+_POOL_KEY = (0, 0)  # (threads, pid) the pool was made for
 _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()
 
@@ -83,15 +83,17 @@ def _run_blocks(task: Callable[[int], None], starts: range) -> None:
         for s in starts:
             task(s)
         return
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_KEY
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != n:
-            if _POOL is not None:
+        if _POOL is None or _POOL_KEY != (n, os.getpid()):  # a forked child has no pool threads
+            if _POOL is not None and _POOL_KEY[1] == os.getpid():
                 _POOL.shutdown(wait=False)
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix="surgery-select"), n
+            _POOL, _POOL_KEY = ThreadPoolExecutor(n, thread_name_prefix="surgery-select"), (n, os.getpid())
         pool = _POOL
-    for f in [pool.submit(task, s) for s in starts]:
-        f.result()  # re-raises a worker's exception here
+    futures = [pool.submit(task, s) for s in starts]
+    wait(futures)  # every block finished (none still writing) before an error is raised
+    for f in futures:
+        f.result()
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -222,3 +222,26 @@ def test_real_shaped_rows(n, monkeypatch, gen):
         assert torch.equal(wanda_prune_(W.clone(), s, 0, largest, "row", k=k), ref)
         scores = W.abs() * s.sqrt()
         assert torch.equal(topk_mask(scores, 0, largest, "row", k=k), topk_mask_reference(scores, 0, largest, "row", k=k))
+
+
+def test_pool_survives_fork(gen):
+    """A forked child (a DataLoader worker, say) inherits no pool threads: its selections still run."""
+    import multiprocessing as mp
+
+    x = torch.randn(64, 64, generator=gen)
+    ref = topk_mask_reference(x, 0.3, True, "row")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(topk_mask(x, 0.3, True, "row"), ref)  # the parent's pool exists now
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_select_in_child, (x,)).get(timeout=60)
+        assert torch.equal(got, ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _select_in_child(x: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(2)
+    return topk_mask(x, 0.3, True, "row")
