@@ -7,15 +7,19 @@ blocks on its thread pool, so no numba threading layer is involved (numba's defa
 aborts the process on concurrent launches from several Python threads).
 
 Per row: every value becomes an order-preserving uint32 key (the fp32 bits, negatives
-flipped, -0 == +0, every NaN the largest key). A 256-bin histogram of the top 8 bits
-(four interleaved histograms, so that runs of equal bins do not serialize on one
-counter) finds the bin holding the J-th smallest key; the keys in that bin are copied
-to a candidate list, and three more 8-bit rounds over the
-shrinking list give the J-th smallest key T exactly and how many keys equal to T belong
-to the first J. The selection is "keys < T, plus the first `rem` keys == T in index order"
-(the torch.sort(stable=True) order). Usually every key == T is in (rem equals their
-count) and one comparison per key decides; when the ties at T are split, a second pass
-walks them in index order.
+flipped, -0 == +0, every NaN the largest key). A 256-bin histogram of the top 8 bits finds
+the bin holding the J-th smallest key; the keys in that bin are copied to a candidate list,
+and three more 8-bit rounds over the shrinking list give the J-th smallest key T exactly and
+how many keys equal to T belong to the first J. Long lists are counted into four
+interleaved histograms, so that runs of one bin (clustered scores, or the zeros of a
+pruned row) do not serialize on a single counter; a round whose bin holds every candidate
+copies nothing. The selection is "keys < T, plus the first `rem` keys == T in index order"
+(the torch.sort(stable=True) order). Usually every key == T is in (rem equals their count)
+and one comparison per key decides; when the ties at T are split, a second pass walks them
+in index order.
+
+Cost on this project's 2-core VM, one thread: about 2.1 ns per element for a weight
+matrix's rows, 5.5 for rows that are 90% zeros (the numpy fallback: 3.7 and 15).
 """
 
 from __future__ import annotations
@@ -53,10 +57,35 @@ def _pick(hist, remaining):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always", **_OPTS)
+def _histogram(keys, m, shift, h4, hist):  # pragma: no cover - compiled
+    """hist = 256-bin histogram of byte (keys >> shift) & 255 over keys[:m]. Four interleaved
+    copies, summed at the end, so that runs of one bin (clustered or repeated values) do not
+    serialize on a single counter (one copy for short lists, where zeroing four costs more)."""
+    if m < 1024:
+        hist[:] = 0
+        for i in range(m):
+            hist[(keys[i] >> shift) & 255] += 1
+        return
+    h4[:] = 0
+    i = 0
+    while i + 4 <= m:
+        h4[0, (keys[i] >> shift) & 255] += 1
+        h4[1, (keys[i + 1] >> shift) & 255] += 1
+        h4[2, (keys[i + 2] >> shift) & 255] += 1
+        h4[3, (keys[i + 3] >> shift) & 255] += 1
+        i += 4
+    while i < m:
+        h4[0, (keys[i] >> shift) & 255] += 1
+        i += 1
+    for b in range(256):
+        hist[b] = h4[0, b] + h4[1, b] + h4[2, b] + h4[3, b]
+
+
+@nb.njit(inline="always", **_OPTS)
 def _threshold(u, n, j, h4, hist, cand):  # pragma: no cover - compiled
     """The j-th smallest key T (1 <= j <= n), how many keys == T are among the first j
     (`rem`), and how many keys == T there are."""
-    h4[:] = 0
+    h4[:] = 0  # the top byte over the whole row: four interleaved copies, as in `_histogram`
     i = 0
     while i + 4 <= n:
         h4[0, u[i] >> 24] += 1
@@ -77,13 +106,11 @@ def _threshold(u, n, j, h4, hist, cand):  # pragma: no cover - compiled
         cand[m] = u[i]
         m += (u[i] >> 24) == prefix
     for shift in (16, 8, 0):
-        hist[:] = 0
-        for t in range(m):
-            hist[(cand[t] >> shift) & 255] += 1
+        _histogram(cand, m, shift, h4, hist)
         b, below = _pick(hist, rem)
         rem -= below
         prefix = (prefix << 8) | np.uint32(b)
-        if shift:
+        if shift and hist[b] != m:  # (one repeated value, zeros of a pruned row say, keeps them all)
             kept = 0
             for t in range(m):
                 c = cand[t]

@@ -245,3 +245,18 @@ def test_pool_survives_fork(gen):
 def _select_in_child(x: torch.Tensor) -> torch.Tensor:
     torch.set_num_threads(2)
     return topk_mask(x, 0.3, True, "row")
+
+
+@pytest.mark.parametrize("zeros", [0.5, 0.9, 1.0])
+def test_rows_of_mostly_one_value(zeros, monkeypatch, gen):
+    """Rows that are mostly zeros (a pruned model pruned again): long candidate lists of one
+    repeated key, the threshold inside them or just above, match the sort reference."""
+    monkeypatch.setattr(cpu, "_CPU_BLOCK", 1 << 17)
+    n = 5632
+    W = torch.randn(24, n, generator=gen)
+    W[torch.rand(W.shape, generator=gen) < zeros] = 0
+    s = torch.rand(n, generator=gen) + 0.5
+    for k in (1, n // 10, n // 2, n - int(n * zeros) + 3, n - 1):
+        for largest in (True, False):
+            ref = wanda_prune_reference_(W.clone(), s, 0, largest, "row", k=k)
+            assert torch.equal(wanda_prune_(W.clone(), s, 0, largest, "row", k=k), ref), (k, largest)
