@@ -85,19 +85,7 @@ def _histogram(keys, m, shift, h4, hist):  # pragma: no cover - compiled
 def _threshold(u, n, j, h4, hist, cand):  # pragma: no cover - compiled
     """The j-th smallest key T (1 <= j <= n), how many keys == T are among the first j
     (`rem`), and how many keys == T there are."""
-    h4[:] = 0  # the top byte over the whole row: four interleaved copies, as in `_histogram`
-    i = 0
-    while i + 4 <= n:
-        h4[0, u[i] >> 24] += 1
-        h4[1, u[i + 1] >> 24] += 1
-        h4[2, u[i + 2] >> 24] += 1
-        h4[3, u[i + 3] >> 24] += 1
-        i += 4
-    while i < n:
-        h4[0, u[i] >> 24] += 1
-        i += 1
-    for b in range(256):
-        hist[b] = h4[0, b] + h4[1, b] + h4[2, b] + h4[3, b]
+    _histogram(u, n, 24, h4, hist)  # the top byte over the whole row
     b, below = _pick(hist, j)
     rem = j - below
     prefix = np.uint32(b)

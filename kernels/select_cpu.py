@@ -233,7 +233,7 @@ def wanda_prune_cpu(W: torch.Tensor, sq_norms: torch.Tensor, k: int, largest: bo
     if W.numel() == 0:
         return 0
     Wd = W.detach()
-    root = _sqrt_rn(sq_norms.detach()).reshape(1, -1).numpy()
+    root = _sqrt_rn(sq_norms.detach()).contiguous().numpy()  # [n]: broadcasts over a block's rows
     rb = max(1, _CPU_BLOCK // n)
     as_is = Wd.dtype == torch.float32
 
@@ -262,15 +262,14 @@ def wanda_prune_cpu(W: torch.Tensor, sq_norms: torch.Tensor, k: int, largest: bo
         return sum(changed)
     jit = _jit() if scope == "row" else None
     if jit is not None:
-        flat_root = np.ascontiguousarray(root[0])
 
         def task(r0: int) -> None:
             w = Wd[r0 : r0 + rb]
             if as_is and w.is_contiguous():
-                changed[r0 // rb] = jit.prune_rows(w.numpy(), flat_root, k, largest)
+                changed[r0 // rb] = jit.prune_rows(w.numpy(), root, k, largest)
             else:  # a contiguous fp32 copy, pruned, written back (exact: zeros or unchanged values)
                 work = np.ascontiguousarray(w.float().numpy())
-                changed[r0 // rb] = jit.prune_rows(work, flat_root, k, largest)
+                changed[r0 // rb] = jit.prune_rows(work, root, k, largest)
                 w.copy_(torch.from_numpy(work))
 
         _run_blocks(task, range(0, n_rows, rb))

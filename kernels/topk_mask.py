@@ -29,9 +29,9 @@ smallest n - k, which gives exactly the last k of the order.
 and zeroes the selected weights in place: no score tensor, no sort, no int64 indices.
 
 CPU. CPU tensors dispatch to `select_cpu` / `wanda_prune_cpu` (module `select_cpu`): a
-sort-free exact path (introselect per row block on a thread pool, radix histograms per
-tensor); the sort reference stays the source of truth and the tests compare the two
-element for element.
+sort-free exact path (per row block on a thread pool, this radix select compiled with numba,
+or numpy's introselect without it; radix histograms per tensor); the sort reference stays
+the source of truth and the tests compare the two element for element.
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ def topk_mask(
 
     Ties follow the module's rule (the torch.sort(stable=True) order). Triton radix
     select on CUDA (no sort, no int64 indices); on CPU `select_cpu`, a sort-free exact
-    path (introselect per row block, radix histograms per tensor).
+    path (the same radix select per row block, compiled; radix histograms per tensor).
     `out` (bool, scores' shape) receives the mask if given.
     """
     n, kk = _mask_count(scores, ratio, scope, k)
@@ -507,10 +507,11 @@ def wanda_prune_count_(
         )
     n = W.numel() if scope == "tensor" else W.shape[1]
     kk = _count(n, ratio, k)
-    if not use_triton(W, sq_norms) and W.device.type == "cpu" and sq_norms.device.type == "cpu":
+    triton_path = use_triton(W, sq_norms)
+    if not triton_path and W.device.type == "cpu" and sq_norms.device.type == "cpu":
         return wanda_prune_cpu(W, sq_norms, kk, largest, scope)
     before = int(torch.count_nonzero(W))
-    if not use_triton(W, sq_norms):
+    if not triton_path:
         wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
     elif interpreting() and W.dtype == torch.bfloat16:
         work = W.float()

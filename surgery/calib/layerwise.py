@@ -200,7 +200,7 @@ class ModelSkeleton:
                 dtypes[name] = stored
             cast = stored.is_floating_point and not (keep and key in keep)
             want = dtype if cast else stored
-            if device.type == "cpu" and want != stored and ckpt.raw_location(name) is not None:
+            if device.type == "cpu" and want != stored:  # staged, into a finished layer's memory
                 state[key] = ckpt.read_cast(name, want, out=self.spare.take(value.shape, want))
             else:
                 state[key] = ckpt.get(name).to(device=device, dtype=want)
