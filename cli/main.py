@@ -10,6 +10,7 @@ exception exits 1 (with the traceback under `-v`).
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -69,6 +70,7 @@ def cli(verbose: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and map errors to exit codes (2 bad input, 1 internal)."""
     args = sys.argv[1:] if argv is None else argv
+    sys.stdin = open(os.devnull, encoding="utf-8")  # stdin is never read: no library prompt can get an answer
     # SIGTERM unwinds like an exception, so atomic outputs remove their temporaries.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _VERBOSE["level"] = sum(a.count("v") for a in args if a.startswith("-") and set(a[1:]) == {"v"})

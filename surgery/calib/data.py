@@ -14,7 +14,6 @@ where the two token sequences first differ.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from surgery.errors import DataError
 from surgery.io.jsonl import read_jsonl as load_jsonl
+from surgery.model.load import load_tokenizer
 
 __all__ = [
     "Sample", "calibration_samples", "load_jsonl", "load_pairs", "load_prompts", "load_tokenizer",
@@ -162,31 +162,6 @@ def tokenize_prompts(
             ids = ids[:max_length]
         out.append(Sample(torch.tensor(ids, dtype=torch.long), torch.zeros(len(ids), dtype=torch.bool)))
     return out
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """The tokenizer saved with a model (no remote code); `DataError` if there is none."""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    try:
-        if _saved_class(model_dir) in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            # a plain tokenizer.json tokenizer: AutoTokenizer would swap in the model type's own class
-            from transformers import PreTrainedTokenizerFast
-
-            return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"no usable tokenizer in {model_dir} ({first}); save the model's tokenizer beside it") from None
-
-
-def _saved_class(model_dir: Path) -> str | None:
-    try:
-        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
 
 
 def calibration_samples(

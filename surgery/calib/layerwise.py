@@ -2,7 +2,7 @@
 
 The flow of Wanda/SparseGPT and llm-compressor's sequential pipeline, without ever
 building the model:
-1. A skeleton of the bare model (`AutoModel.from_config`) is built with its
+1. A skeleton of the bare model (`model_from_config`) is built with its
    parameters on the meta device (buffers such as rotary frequencies are real); every
    decoder layer is replaced by a recorder. Only the non-layer weights (embeddings,
    final norm) are loaded. Each calibration batch runs through it once: the first
@@ -38,6 +38,7 @@ from surgery.calib.data import Sample
 from surgery.calib.stats import Batch, LinearStats, StatsCollector, make_batches
 from surgery.errors import MismatchError, SurgeryError
 from surgery.io.checkpoint import Checkpoint
+from surgery.model.load import load_config, model_from_config
 from surgery.progress import track
 
 if TYPE_CHECKING:
@@ -133,20 +134,15 @@ class ModelSkeleton:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  attn_implementation: str | None = None) -> None:
-        import transformers
-
         if ckpt.directory is None or not (ckpt.directory / "config.json").is_file():
             raise SurgeryError(f"{ckpt.path} has no config.json; layer-by-layer calibration needs a model directory")
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(ckpt.directory))
-        except (ValueError, KeyError, OSError) as exc:
-            raise SurgeryError(f"{ckpt.directory}/config.json is not a config transformers knows ({exc})") from None
+        config = load_config(ckpt.directory)
         config.use_cache = False
         kwargs: dict[str, Any] = {}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         with _params_on_meta():
-            model = transformers.AutoModel.from_config(config, **kwargs)
+            model = model_from_config(config, causal_lm=False, **kwargs)
         self.config = model.config
         layers = getattr(model, "layers", None)
         if not isinstance(layers, nn.ModuleList) or not hasattr(model, "embed_tokens"):

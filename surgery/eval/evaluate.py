@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgery.errors import InputNotFoundError, MismatchError
 from surgery.eval.data import load_jsonl
 from surgery.eval.generate import _pad_id, encode_prompt, eos_ids, generate
 from surgery.eval.judge import Judge, KeywordJudge
@@ -29,40 +27,22 @@ from surgery.eval.metrics import (
     over_refusal,
     task_accuracy,
 )
+from surgery.model.load import apply_adapter, default_device, load_causal_lm, load_tokenizer, model_directory
 
 PathLike = str | Path
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_for_eval(model_dir: PathLike, adapter: PathLike | None = None, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """Load model + tokenizer for inference; an adapter is applied and merged in memory (inputs untouched)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    dev = torch.device(device) if device is not None else default_device()
+    """Load model + tokenizer for inference; an adapter is merged in memory the way `surgery merge`
+    writes it (a tied head untied), so eval scores what the merged checkpoint would; inputs untouched."""
+    dev = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = load_tokenizer(model_directory(model_dir))
+    model = load_causal_lm(model_dir, dtype=dtype)
     if adapter is not None:
-        apath = Path(adapter)
-        if not (apath / "adapter_config.json").is_file():
-            raise InputNotFoundError(f"{apath} is not a peft adapter directory (no adapter_config.json)")
-        from peft import PeftModel
-
-        try:
-            with warnings.catch_warnings():  # peft's deprecation noise from transformers
-                warnings.simplefilter("ignore", FutureWarning)
-                model = PeftModel.from_pretrained(model, str(apath)).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise MismatchError(f"adapter {apath} does not fit model {path}: {str(exc).splitlines()[0]}") from None
+        model = apply_adapter(model, adapter)
     model.to(dev)
     model.eval()
     return model, tok

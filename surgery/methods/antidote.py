@@ -43,9 +43,9 @@ from surgery.methods.wanda import (
     SurgeryReport,
     TensorChange,
     _sync,
-    default_device,
     layer_surgery,
 )
+from surgery.model.load import default_device
 
 __all__ = ["antidote", "antidote_count", "antidote_mask", "antidote_prune_", "DEFAULT_RATIO", "REPORT_NAME"]
 
@@ -206,7 +206,7 @@ def _antidote_adapter(
     selected = sorted(p for p in paths if targets is None or match_target(p, targets))
     if not selected:
         raise SurgeryError(f"no LoRA module of {adapter_dir} matches the targets {list(targets or [])}; check --targets")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = default_device(device)
     report = SurgeryReport("antidote-adapter", params, out=None if dry_run else str(out), dry_run=dry_run,
                            samples=len(samples))
     report.tokens = sum(len(s) for s in samples) if tokens == "all" else sum(s.num_response_tokens for s in samples)

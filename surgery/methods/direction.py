@@ -40,6 +40,7 @@ import torch
 
 from surgery.errors import DataError, InputNotFoundError, MismatchError, SurgeryError
 from surgery.eval.generate import encode_prompt
+from surgery.model.load import default_device, load_causal_lm, load_config, load_tokenizer, model_from_config
 
 DIRECTION_FILE = "refusal_direction.safetensors"
 REPORT_FILE = "surgery_edit.json"
@@ -533,14 +534,12 @@ def _addition_tensors(ckpt: Any, cfg: dict, layout: Layout, layer: int, vector: 
         return site, {}, {name: "add"}, None
     if site != "mlp_bias":
         raise SurgeryError(f"unknown --add-site {site!r}: use auto, bias, mlp_bias or embedding")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     new_cfg = dict(cfg)
     new_cfg["mlp_bias"] = True
-    hf_cfg = AutoConfig.from_pretrained(ckpt.directory)
+    hf_cfg = load_config(ckpt.directory)
     hf_cfg.mlp_bias = True
     with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(hf_cfg)
+        shell = model_from_config(hf_cfg)
     dtype = ckpt.info(f"{layout.mlp_out[0]}.weight").torch_dtype
     new = {n: torch.zeros(tuple(p.shape), dtype=dtype)
            for n, p in shell.state_dict().items() if n not in ckpt and n.endswith(".bias")}
@@ -585,7 +584,8 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
     if direction_file is not None:  # no forward pass needed: the layout comes from an empty (meta) model
         model, tok = _meta_model(ckpt.directory), None
     else:
-        model, tok = load_model(ckpt.directory)
+        tok = load_tokenizer(ckpt.directory)
+        model = load_causal_lm(ckpt.directory, device=default_device()).requires_grad_(False)
     layout = residual_layout(model)
     if direction_file is not None:
         sel = load_direction(direction_file)
@@ -654,30 +654,9 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
 
 def _meta_model(model_dir: Path) -> torch.nn.Module:
     """The model's modules without weights (device "meta"): enough to know its layout."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        return model_from_config(load_config(model_dir))
 
 
 def _finite(x: float) -> float | None:
     return x if isinstance(x, float) and math.isfinite(x) else None
-
-
-def load_model(model_dir: str | Path) -> tuple[Any, Any]:
-    """Load a causal LM in fp32 (eval mode, no remote code) and its tokenizer from a directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - a missing tokenizer is the user's input
-        raise InputNotFoundError(f"{path} has no usable tokenizer ({type(exc).__name__}): save one beside the "
-                                 "model") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    model.requires_grad_(False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), tok

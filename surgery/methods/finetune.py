@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from surgery.errors import DataError, InputNotFoundError
+from surgery.errors import DataError
 from surgery.io.atomic import atomic_path, check_output
+from surgery.model.load import default_device, load_causal_lm, load_tokenizer, model_directory
 from surgery.progress import Status
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,11 +116,6 @@ def collate(batch: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train_loop(model: torch.nn.Module, samples: Sequence[Sample], *, pad_id: int, epochs: float = 3,
                lr: float = 1e-3, batch_size: int = 16, seed: int = 0, weight_decay: float = 0.0,
                warmup: float = 0.05, max_grad_norm: float | None = 1.0, device: torch.device | None = None,
@@ -133,7 +129,7 @@ def train_loop(model: torch.nn.Module, samples: Sequence[Sample], *, pad_id: int
     """
     if not samples:
         raise DataError("no training samples")
-    device = device or default_device()
+    device = default_device(device)
     model.to(device)
     if prepare_model is not None:
         prepare_model(model)
@@ -187,18 +183,6 @@ def _fingerprint(pairs: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a Hugging Face causal LM and its tokenizer from a directory (no remote code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, tok
-
-
 def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path, *,
              harmful_pairs: Sequence[dict] | None = None, ratio: float = 0.1, n: int | None = None,
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
@@ -217,7 +201,8 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
     """
     out = check_output(out, force)
     torch.manual_seed(seed)
-    model, tok = load_model(model_dir)
+    tok = load_tokenizer(model_directory(model_dir))
+    model = load_causal_lm(model_dir)
     mixed = mix_pairs(train_pairs, harmful_pairs, ratio=ratio, n=n, seed=seed)
     samples = encode_pairs(tok, mixed, max_length=max_length, chat_template=chat_template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -231,7 +216,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(model, cfg)
         model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = default_device(device)
     losses = train_loop(model, samples, pad_id=pad_id, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         weight_decay=weight_decay, warmup=warmup, device=dev, prepare_model=prepare_model,
                         after_backward=after_backward, progress=progress,

@@ -39,6 +39,7 @@ from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, write_tensors
 from surgery.kernels.setdiff_mask import setdiff_mask
 from surgery.kernels.wanda_score import wanda_score
+from surgery.model.load import load_causal_lm, load_tokenizer, model_directory
 from surgery.progress import track
 
 SCORES = ("wanda", "snip")
@@ -52,21 +53,11 @@ DEFAULT_MAX_LENGTH = 256
 def load_model_and_samples(model_dir: str | Path, data: str | Path, n_samples: int | None, max_length: int,
                            tokenizer: Any = None) -> tuple[Any, Any, list[Any]]:
     """Load a causal LM in fp32 (no remote code) and tokenize the first `n_samples` pairs of `data`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from surgery.calib.data import load_pairs, tokenize_pairs
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise InputNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise InputNotFoundError(f"{path} has no usable tokenizer ({exc}); save the tokenizer beside the model") from None
-    tok = tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    path = model_directory(model_dir)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    model = load_causal_lm(path)
     samples = tokenize_pairs(tok, load_pairs(data, limit=n_samples), max_length, on_overflow="truncate")
     return model, tok, samples
 

@@ -40,7 +40,8 @@ import torch
 
 from surgery.errors import DataError, InputNotFoundError, SurgeryError
 from surgery.io.jsonl import read_jsonl
-from surgery.methods.direction import Layout, load_model, module, residual_layout
+from surgery.methods.direction import Layout, module, residual_layout
+from surgery.model.load import default_device, load_causal_lm, load_tokenizer
 
 REPORT_FILE = "surgery_edit.json"
 DEFAULT_PREFIXES: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, count), as ROME
@@ -454,7 +455,8 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     if ckpt.directory is None or ckpt.config() is None:
         raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
     torch.manual_seed(seed)
-    model, tok = load_model(ckpt.directory)
+    tok = load_tokenizer(ckpt.directory)
+    model = load_causal_lm(ckpt.directory, device=default_device()).requires_grad_(False)
     layout = residual_layout(model)
     L = layout.n_layers
     layer = default_layer(L) if layer is None else layer

@@ -35,9 +35,10 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
 from surgery.kernels.topk_mask import wanda_prune_count_
+from surgery.model.load import default_device
 from surgery.progress import track
 
-__all__ = ["TensorChange", "SurgeryReport", "layer_surgery", "wanda", "wanda_edit", "default_device"]
+__all__ = ["TensorChange", "SurgeryReport", "layer_surgery", "wanda", "wanda_edit"]
 
 DEFAULT_NUM_SAMPLES = 128  # Wanda's nsamples
 DEFAULT_MAX_LENGTH = 2048
@@ -101,11 +102,6 @@ class SurgeryReport:
 Edit = Callable[[str, torch.Tensor, LinearStats], TensorChange]
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -141,7 +137,7 @@ def layer_surgery(
         if out is None:
             raise SurgeryError("give an output path (-o) or ask for a dry run")
         check_output(out, force)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = default_device(device)
     report = SurgeryReport(method, dict(params), out=None if dry_run else str(out), dry_run=dry_run,
                            samples=len(samples))
     report.tokens = sum(len(s) for s in samples) if token_mask == "all" else sum(s.num_response_tokens for s in samples)

@@ -121,11 +121,12 @@ def _set_threads() -> int:
 
 
 def _pretrain(tok_dir: Path, out: Path, world: World, recipe: Recipe, seed: int, progress: bool) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from surgery.methods.finetune import encode_pairs, train_loop
+    from surgery.model.load import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
