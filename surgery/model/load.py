@@ -1,10 +1,11 @@
 """Loading models, configs, tokenizers and adapters: the one door to transformers and peft.
 
-Every `from_pretrained` / `from_config` of the project is here, and every one passes
-`trust_remote_code=False` and `local_files_only=True`: a model directory never runs code and
-never reaches the network. Before anything is read by transformers, `refuse_remote_code`
-reads the directory's `config.json` and `tokenizer_config.json` as plain JSON and refuses
-a directory that asks for custom code, so the user gets one line saying why instead of
+Every `from_pretrained` / `from_config` of the project is here. Every one passes
+`trust_remote_code=False` (and every `from_pretrained` `local_files_only=True`): a model
+directory never runs code and never reaches the network; peft's `PeftModel` builds only peft's
+own tuners, whatever the adapter says. Before transformers reads anything, `refuse_remote_code`
+reads the directory's `config.json` and `tokenizer_config.json` as plain JSON and refuses a
+directory that asks for custom code, so the user gets one line saying why instead of
 transformers' "Do you wish to run the custom code? [y/N]" prompt.
 """
 
