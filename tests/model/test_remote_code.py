@@ -91,7 +91,11 @@ def run(world: dict[str, Path], *args: object, code: list[str] | None = None) ->
     """`surgery ARGS` (or `python -c CODE`) in a fresh process with `y` on stdin."""
     env = {**os.environ, "HF_HOME": str(world["hf_home"]), "HF_MODULES_CACHE": str(world["hf_home"] / "modules"),
            "HF_HUB_OFFLINE": "1", "SURGERY_PROGRESS": "0", "CUDA_VISIBLE_DEVICES": ""}
-    argv = code if code is not None else ["-m", "surgery.cli.main", *map(str, args)]
+    import surgery.cli.main as entry
+
+    # the same `main` this test imported (an editable install elsewhere on the path would run other code)
+    boot = f"import sys, surgery.cli.main as m; assert m.__file__ == {entry.__file__!r}, m.__file__; m.main(sys.argv[1:])"
+    argv = code if code is not None else ["-c", boot, *map(str, args)]
     return subprocess.run([sys.executable, *argv], input="y\ny\ny\n", capture_output=True, text=True, env=env,
                           timeout=300, cwd=world["root"])
 
