@@ -33,6 +33,7 @@ from surgery.errors import (
     SurgeryError,
 )
 from surgery.io.header import TensorInfo, dtype_name, read_header
+from surgery.model.layout import PEFT_PREFIX
 
 if TYPE_CHECKING:
     from surgery.io.checkpoint import Checkpoint
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 
 # suffix on disk -> (role, kind)
 _LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (
