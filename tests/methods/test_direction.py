@@ -89,8 +89,8 @@ def test_candidates_match_per_prompt_means(tiny: Path) -> None:
 
 def test_refusal_score_is_log_odds() -> None:
     logp = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5, -1.0]]), -1)
-    p = logp.exp()[0, [0, 2]].sum()
-    torch.testing.assert_close(refusal_score(logp, [0, 2]), (torch.log(p) - torch.log(1 - p)).double().reshape(1))
+    p = logp.double().exp()[0, [0, 2]].sum()  # the expectation in float64, as refusal_score computes
+    torch.testing.assert_close(refusal_score(logp, [0, 2]), (torch.log(p) - torch.log(1 - p)).reshape(1))
 
 
 def test_ablation_removes_direction_from_every_writer(tiny: Path, tmp_path: Path) -> None:
