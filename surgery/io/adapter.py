@@ -33,7 +33,6 @@ from surgery.errors import (
     SurgeryError,
 )
 from surgery.io.header import TensorInfo, dtype_name, read_header
-from surgery.model.layout import PEFT_PREFIX
 
 if TYPE_CHECKING:
     from surgery.io.checkpoint import Checkpoint
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-PREFIX = PEFT_PREFIX
+PREFIX = "base_model.model."
 
 # suffix on disk -> (role, kind)
 _LORA_SUFFIXES: tuple[tuple[str, str, str], ...] = (

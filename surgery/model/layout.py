@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from surgery.errors import MismatchError
+from surgery.io.adapter import PREFIX as ADAPTER_PREFIX
 
 __all__ = [
     "ATTN_OUT", "EXPERT_RE", "FUSED_PROJECTIONS", "LAYER_RE", "Layout", "MLP_OUT", "PEFT_PREFIX", "expert_index",
     "layer_index", "module", "residual_layout", "strip_peft_prefix",
 ]
 
-# The prefix peft puts before a wrapped model's own module paths.
-PEFT_PREFIX = "base_model.model."
+# The prefix peft puts before a wrapped model's own module paths (the adapter format's, defined in io).
+PEFT_PREFIX = ADAPTER_PREFIX
 
 # A decoder layer in a tensor or module name: `model.layers.3.`, `transformer.h.0.`, `encoder.layer.2.`,
 # `model.decoder.layers.1.`, `blocks.4.`. Group 1 is the layer index.
