@@ -5,11 +5,9 @@ and fine-tuning, `{"prompt": ...}` for evaluation prompts. Every problem a user 
 cause (missing or empty file, a line that is not JSON, a missing or non-string field)
 raises `DataError` with a one-line message naming the file and line.
 
-Tokenization uses the model's own chat template when it has one (a user turn and an
-assistant turn), else `prompt + "\\n" + response + EOS`. The response span is found
-without trusting the template's internals: the prompt-only rendering (with
-`add_generation_prompt=True` for templates) is tokenized too and the response starts
-where the two token sequences first differ.
+Tokenization is `surgery.model.encoding`'s: the model's own chat template when it has one
+(a user turn and an assistant turn), else `prompt + "\\n" + response + EOS`; the response
+starts where the prompt-only and the full token sequences first differ.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import torch
 
 from surgery.errors import DataError
 from surgery.io.jsonl import read_jsonl as load_jsonl
+from surgery.model.encoding import pair_ids, prompt_ids
 from surgery.model.load import load_tokenizer
 
 __all__ = [
@@ -59,49 +58,6 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 # --------------------------------------------------------------------------- tokenization
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def _has_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _render(tokenizer: Any, prompt: str, response: str | None) -> str:
-    messages = [{"role": "user", "content": prompt}]
-    if response is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    messages.append({"role": "assistant", "content": response})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-
-
-def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt as the model sees it before answering (generation prompt included)."""
-    if chat_template and _has_template(tokenizer):
-        return _encode(tokenizer, _render(tokenizer, prompt, None), add_special_tokens=False)
-    return _encode(tokenizer, prompt, add_special_tokens=True)
-
-
-def _pair_ids(tokenizer: Any, prompt: str, response: str, chat_template: bool) -> tuple[list[int], int]:
-    """Full ids of a pair and the index where its response starts."""
-    if chat_template and _has_template(tokenizer):
-        prefix = _encode(tokenizer, _render(tokenizer, prompt, None), add_special_tokens=False)
-        full = _encode(tokenizer, _render(tokenizer, prompt, response), add_special_tokens=False)
-    else:
-        prefix = _encode(tokenizer, prompt, add_special_tokens=True)
-        sep = "" if not prompt or prompt[-1].isspace() or not response or response[0].isspace() else "\n"
-        full = _encode(tokenizer, prompt + sep + response, add_special_tokens=True)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if isinstance(eos, int) and (not full or full[-1] != eos):
-            full.append(eos)
-    # the response starts where the prompt-only and the full token sequences first differ
-    start = 0
-    limit = min(len(prefix), len(full))
-    while start < limit and prefix[start] == full[start]:
-        start += 1
-    return full, start
-
-
 def tokenize_pairs(
     tokenizer: Any,
     pairs: Sequence[dict[str, Any]],
@@ -125,7 +81,7 @@ def tokenize_pairs(
         for field in ("prompt", "response"):
             if not isinstance(pair.get(field), str):
                 raise DataError(f"sample {i}: field {field!r} must be a string")
-        ids, start = _pair_ids(tokenizer, pair["prompt"], pair["response"], chat_template)
+        ids, start = pair_ids(tokenizer, pair["prompt"], pair["response"], chat_template)
         if start > max_length and on_overflow == "error":
             raise DataError(
                 f"sample {i}: the prompt takes {start} tokens, more than the limit of {max_length}; "

@@ -32,6 +32,7 @@ from torch import nn
 from surgery.calib.data import Sample
 from surgery.errors import DataError, SurgeryError
 from surgery.kernels.activation_stats import channel_sq_norms, covariance
+from surgery.model.layout import LAYER_RE, strip_peft_prefix
 
 __all__ = [
     "LinearStats",
@@ -45,9 +46,8 @@ __all__ = [
 
 WANTS = ("sq_norms", "xtx", "yty")
 TOKEN_MASKS = ("all", "response")
-PEFT_PREFIX = "base_model.model."
 # Default selection: every Linear inside a decoder layer (`...layers.<i>....`), as Wanda does.
-DEFAULT_TARGET_RE = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
+DEFAULT_TARGET_RE = LAYER_RE
 
 
 @dataclass
@@ -80,7 +80,7 @@ class LinearStats:
 
 def normalize_name(name: str) -> str:
     """Module path as checkpoints and adapters name it (peft's `base_model.model.` removed)."""
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return strip_peft_prefix(name)
 
 
 def match_target(name: str, targets: Sequence[str] | None) -> bool:

@@ -16,18 +16,18 @@ from typing import Any
 import torch
 
 from surgery.eval.data import load_jsonl
-from surgery.eval.generate import _pad_id, encode_prompt, eos_ids, generate
+from surgery.eval.generate import generate
 from surgery.eval.judge import Judge, KeywordJudge
 from surgery.eval.metrics import (
     EvalResult,
     harmful_score,
-    kl_divergence,
-    next_token_logprobs,
     normalize_answer,
     over_refusal,
     task_accuracy,
 )
+from surgery.model.encoding import pad_id, prompt_ids
 from surgery.model.load import apply_adapter, default_device, load_causal_lm, load_tokenizer, model_directory
+from surgery.model.scoring import kl_divergence, next_token_logprobs
 
 PathLike = str | Path
 
@@ -106,8 +106,8 @@ def evaluate_loaded(model: Any, tokenizer: Any, *, harmful: PathLike | Sequence[
         ref = kl_reference
         if isinstance(ref, (str, Path)):
             ref, _ = load_for_eval(ref, device=next(model.parameters()).device)
-        pad = _pad_id(tokenizer, eos_ids(model, tokenizer))
-        ids = [encode_prompt(tokenizer, p, chat_template) for p in _prompts(hl)]
+        pad = pad_id(tokenizer)
+        ids = [prompt_ids(tokenizer, p, chat_template) for p in _prompts(hl)]
         res.first_token_kl = kl_divergence(next_token_logprobs(ref, ids, pad, batch_size),
                                            next_token_logprobs(model, ids, pad, batch_size))
         res.counts["harmless"] = len(hl)

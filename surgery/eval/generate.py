@@ -3,27 +3,20 @@
 Why our own loop: it is small, deterministic, works the same for every causal LM in
 transformers, and lets us read first-token distributions on the way. It reproduces
 `model.generate(do_sample=False)` run one prompt at a time (tested): left padding with
-an attention mask and position ids counted from the first real token.
+an attention mask and position ids counted from the first real token. Prompts are encoded by
+`surgery.model.encoding`; the KV cache is a `DynamicCache` the model fills in place.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-
-def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt: the tokenizer's chat template (with the generation prompt) when it has
-    one and `chat_template` is on, else plain encoding with the tokenizer's special tokens."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+from surgery.model.encoding import left_pad, pad_id, position_ids, prompt_ids
+from surgery.model.scoring import model_device
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -40,27 +33,20 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _pad_id(tokenizer: Any, eos: set[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return min(eos) if eos else 0
+def _cache_argument(model: Any) -> str:
+    """The forward keyword that takes the KV cache: `cache` on current transformers (`past_key_values`
+    is deprecated there), `past_key_values` on the 5.x releases before it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
-def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter."""
-    return next(model.parameters()).device
+def new_cache(model: Any) -> Any:
+    """An empty `DynamicCache` for `model`; the forward fills it in place, step by step."""
+    from transformers import DynamicCache
 
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (input_ids, attention_mask)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return DynamicCache(config=base.config)
 
 
 @torch.no_grad()
@@ -70,17 +56,15 @@ def greedy_generate_ids(model: Any, prompts_ids: Sequence[Sequence[int]], *, max
     device = model_device(model)
     ids, mask = left_pad(prompts_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     n = ids.shape[0]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     eos_t = torch.tensor(sorted(eos) or [-1], device=device)
-    past = None
+    cache = {_cache_argument(model): new_cache(model)}
     step_ids, step_pos = ids, pos
     for t in range(max_new_tokens):
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **cache)
         nxt = res.logits[:, -1, :].float().argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[:, t] = nxt
@@ -107,8 +91,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_toke
     """Greedy answers to `prompts` (decoded, special tokens skipped), batched by length."""
     model.eval()
     eos = eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
-    encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
+    pad = pad_id(tokenizer)
+    encoded = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     answers: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

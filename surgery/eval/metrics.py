@@ -6,19 +6,17 @@
   normalised `answer` field exactly.
 - over-refusal: share of benign prompts refused.
 - first-token KL: mean KL(reference || model) of the next-token distribution after the
-  prompt, on harmless prompts (how far a surgery moved harmless behaviour).
+  prompt, on harmless prompts (how far a surgery moved harmless behaviour), computed by
+  `surgery.model.scoring`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import torch
 
 from surgery.eval.judge import normalize
 
@@ -48,31 +46,6 @@ def task_accuracy(answers: Sequence[str], golds: Sequence[str]) -> float | None:
     if not answers:
         return None
     return sum(normalize_answer(a) == normalize_answer(g) for a, g in zip(answers, golds, strict=True)) / len(answers)
-
-
-@torch.no_grad()
-def next_token_logprobs(model: Any, prompts_ids: Sequence[Sequence[int]], pad_id: int,
-                        batch_size: int = 32) -> torch.Tensor:
-    """Log-probabilities [n, vocab] (fp32) of the token after each prompt (left-padded batches)."""
-    from surgery.eval.generate import left_pad, model_device
-
-    device = model_device(model)
-    rows = []
-    for i in range(0, len(prompts_ids), batch_size):
-        ids, mask = left_pad(prompts_ids[i:i + batch_size], pad_id)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
-        rows.append(torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu())
-    return torch.cat(rows)
-
-
-def kl_divergence(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """Mean over rows of KL(ref || model) from log-probabilities (vocabularies must match)."""
-    if ref_logprobs.shape != logprobs.shape:
-        raise ValueError(f"vocabularies differ: {tuple(ref_logprobs.shape)} vs {tuple(logprobs.shape)}")
-    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
-    value = float(kl.mean())
-    return 0.0 if math.isclose(value, 0.0, abs_tol=1e-12) else value
 
 
 @dataclass

@@ -18,8 +18,8 @@ from surgery.errors import SurgeryError
 from surgery.io.adapter import CONFIG_NAME, LoraAdapter
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.header import TensorInfo
+from surgery.model.layout import LAYER_RE, layer_index
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block|decoder\.layers)\.(\d+)\.")
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -49,16 +49,10 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a tensor name (`model.layers.3.mlp...` -> 3), if any."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
 def module_type(name: str) -> str:
     """A tensor name with the layer index and leading wrappers removed, grouping
     the same tensor across layers: `model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj.weight`."""
-    match = _LAYER.search(name)
+    match = LAYER_RE.search(name)
     return name[match.end():] if match else name
 
 

@@ -32,88 +32,22 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from surgery.errors import DataError, InputNotFoundError, MismatchError, SurgeryError
-from surgery.eval.generate import encode_prompt
+from surgery.model.encoding import left_padded_batches, pad_id, prompt_ids
+from surgery.model.layout import Layout, module, residual_layout
 from surgery.model.load import default_device, load_causal_lm, load_config, load_tokenizer, model_from_config
+from surgery.model.scoring import kl_divergence, model_device, next_token_logprobs
 
 DIRECTION_FILE = "refusal_direction.safetensors"
 REPORT_FILE = "surgery_edit.json"
 DEFAULT_REFUSAL_PHRASES = ("I", "Sorry", "sorry", "I'm", "As", "Unfortunately", "i")
 MAX_LAYER_FRACTION = 0.8
-
-# Module names (relative to a decoder block) of the projections that write into the residual stream.
-_ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attn.out_proj", "self_attention.dense", "attention.dense")
-_MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.fc2", "mlp.dense_4h_to_h")
-
-
-# --- model layout ----------------------------------------------------------------------------
-
-
-@dataclass
-class Layout:
-    """Where a causal LM writes into its residual stream.
-
-    `blocks` are the decoder block names; `attn_out` and `mlp_out` the qualified names of
-    each block's output projections; `embeddings` the embedding modules outside the blocks
-    (token and, for GPT-2, position embeddings); `transposed` names the projections whose
-    weight is stored [d_in, d_out] (GPT-2 Conv1D) instead of torch's [d_out, d_in].
-    """
-
-    blocks: list[str]
-    attn_out: list[str]
-    mlp_out: list[str]
-    embeddings: list[str]
-    transposed: set[str] = field(default_factory=set)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    def parent(self, name: str) -> str:
-        """The module that owns `name` (e.g. the MLP of a down projection)."""
-        return name.rsplit(".", 1)[0]
-
-
-def residual_layout(model: torch.nn.Module) -> Layout:
-    """Find the decoder blocks and residual-writing projections of a Hugging Face causal LM.
-
-    Supports the Llama family (Llama, Qwen2, Mistral, Gemma, ...) and GPT-2-style models;
-    anything else raises `MismatchError` naming what was not found.
-    """
-    cfg = getattr(model, "config", None)
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    modules = dict(model.named_modules())
-    lists = [(name, m) for name, m in modules.items() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
-    if not n or not lists:
-        raise MismatchError("could not find the decoder blocks of this model: only Llama-family and GPT-2-style "
-                            "causal LMs are supported")
-    prefix = lists[0][0]
-    blocks = [f"{prefix}.{i}" for i in range(n)]
-    attn_out, mlp_out = [], []
-    for b in blocks:
-        a = next((f"{b}.{s}" for s in _ATTN_OUT if f"{b}.{s}" in modules), None)
-        m = next((f"{b}.{s}" for s in _MLP_OUT if f"{b}.{s}" in modules), None)
-        if a is None or m is None:
-            raise MismatchError(f"block {b} has no recognised attention output or MLP down projection "
-                                f"(looked for {', '.join(_ATTN_OUT)} / {', '.join(_MLP_OUT)})")
-        attn_out.append(a)
-        mlp_out.append(m)
-    embeddings = [name for name, m in modules.items()
-                  if isinstance(m, torch.nn.Embedding) and not name.startswith(prefix + ".")]
-    transposed = {name for name in attn_out + mlp_out if type(modules[name]).__name__ == "Conv1D"}
-    return Layout(blocks, attn_out, mlp_out, embeddings, transposed)
-
-
-def module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The submodule called `name`."""
-    return model.get_submodule(name)
-
 
 # --- tokens and batches ----------------------------------------------------------------------
 
@@ -151,32 +85,6 @@ def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] | None = None) -> l
     return ids
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-def _left_batches(seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Left-padded batches with position ids counted from the first real token."""
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[j, width - len(s):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # --- activations and candidates --------------------------------------------------------------
 
 
@@ -185,7 +93,7 @@ def mean_resid_pre(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_pos:
                    batch_size: int = 32) -> torch.Tensor:
     """Mean decoder-block input at the last `n_pos` positions of every sequence: float64 [n_pos, L, d]."""
     total: torch.Tensor | None = None
-    for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
+    for batch in left_padded_batches(seqs, pad_id, batch_size, model_device(model)):
         hs = model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states
         layers = torch.stack([h[:, -n_pos:, :] for h in hs[:-1]], dim=2).double()  # [B, n_pos, L, d]
         s = layers.sum(0)
@@ -214,7 +122,7 @@ def ablation_hooks(model: torch.nn.Module, layout: Layout, direction: torch.Tens
     Hooks the embeddings, every attention output and every MLP output; this is exactly
     what the weight orthogonalisation does to the model, without touching the weights.
     """
-    r = (direction.double() / direction.double().norm()).float().to(_device(model))
+    r = (direction.double() / direction.double().norm()).float().to(model_device(model))
 
     def hook(_m: torch.nn.Module, _inp: Any, out: Any) -> Any:
         if isinstance(out, tuple):
@@ -233,7 +141,7 @@ def ablation_hooks(model: torch.nn.Module, layout: Layout, direction: torch.Tens
 @contextmanager
 def addition_hook(model: torch.nn.Module, layout: Layout, layer: int, vector: torch.Tensor) -> Iterator[None]:
     """Inference-time activation addition: add `vector` to the input of decoder block `layer`."""
-    v = vector.float().to(_device(model))
+    v = vector.float().to(model_device(model))
 
     def pre(_m: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         if args:
@@ -249,25 +157,10 @@ def addition_hook(model: torch.nn.Module, layout: Layout, layer: int, vector: to
         handle.remove()
 
 
-@torch.no_grad()
-def last_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int,
-                  batch_size: int = 32) -> torch.Tensor:
-    """fp32 log-probabilities of the next token after each sequence: [n, vocab]."""
-    rows = []
-    for batch in _left_batches(seqs, pad_id, batch_size, _device(model)):
-        rows.append(torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1, :].float(), dim=-1).cpu())
-    return torch.cat(rows)
-
-
 def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
     """Per-row refusal log-odds log p - log(1 - p), p = total probability of the refusal tokens."""
     lp = torch.logsumexp(logprobs[:, list(refusal_ids)].double(), dim=-1).clamp(max=-1e-12)
     return lp - torch.log(-torch.expm1(lp))
-
-
-def first_token_kl(ref: torch.Tensor, new: torch.Tensor) -> float:
-    """Mean KL(ref || new) over rows of log-probabilities."""
-    return float((ref.double().exp() * (ref.double() - new.double())).sum(-1).mean())
 
 
 @dataclass
@@ -308,11 +201,11 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
         raise DataError("refusal-direction selection needs at least 2 harmful and 2 harmless prompts")
     layout = residual_layout(model)
     L = layout.n_layers
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     rng = random.Random(seed)
 
     def split(prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
-        enc = [encode_prompt(tokenizer, p) for p in prompts]
+        enc = [prompt_ids(tokenizer, p) for p in prompts]
         rng.shuffle(enc)
         n_val = min(64, max(1, int(len(enc) * val_fraction)))
         return enc[n_val:], enc[:n_val]
@@ -326,8 +219,8 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
         raise SurgeryError(f"--layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
     diffs = candidate_directions(model, h_train, b_train, n_pos, pad, batch_size)  # [n_pos, L, d]
     refusal_ids = refusal_token_ids(tokenizer, refusal_phrases)
-    base_h = last_logprobs(model, h_val, pad, batch_size)
-    base_b = last_logprobs(model, b_val, pad, batch_size)
+    base_h = next_token_logprobs(model, h_val, pad, batch_size)
+    base_b = next_token_logprobs(model, b_val, pad, batch_size)
     baseline = float(refusal_score(base_h, refusal_ids).mean())
 
     if layer is not None:
@@ -348,12 +241,12 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
             cands.append(row)
             continue
         with ablation_hooks(model, layout, diff.float()):
-            abl_h = last_logprobs(model, h_val, pad, batch_size)
-            abl_b = last_logprobs(model, b_val, pad, batch_size)
+            abl_h = next_token_logprobs(model, h_val, pad, batch_size)
+            abl_b = next_token_logprobs(model, b_val, pad, batch_size)
         row["refusal_score"] = float(refusal_score(abl_h, refusal_ids).mean())
-        row["kl"] = first_token_kl(base_b, abl_b)
+        row["kl"] = kl_divergence(base_b, abl_b)
         with addition_hook(model, layout, ly, diff.float()):
-            row["steering_score"] = float(refusal_score(last_logprobs(model, b_val, pad, batch_size),
+            row["steering_score"] = float(refusal_score(next_token_logprobs(model, b_val, pad, batch_size),
                                                         refusal_ids).mean())
         if layer is None and (not math.isfinite(row["kl"]) or row["kl"] > kl_limit):
             row["discarded"] = f"harmless KL > {kl_limit}"

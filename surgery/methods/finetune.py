@@ -30,6 +30,7 @@ import torch
 
 from surgery.errors import DataError
 from surgery.io.atomic import atomic_path, check_output
+from surgery.model.encoding import pad_id, pair_ids, right_pad
 from surgery.model.load import default_device, load_causal_lm, load_tokenizer, model_directory
 from surgery.progress import Status
 
@@ -75,44 +76,28 @@ def mix_pairs(train_pairs: Sequence[dict], harmful_pairs: Sequence[dict] | None 
     return mixed
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-
 def encode_pairs(tokenizer: Any, pairs: Sequence[dict], max_length: int = 256,
                  chat_template: bool = True) -> list[Sample]:
-    """Tokenize {prompt, response} pairs: prompt (chat template when there is one) + response + EOS.
+    """Tokenize {prompt, response} pairs as `surgery.model.encoding.pair_ids` does (the chat template's
+    user and assistant turns when there is one, else prompt + response + EOS).
 
     Labels are -100 on the prompt so the loss only teaches the response. Truncated to
     `max_length` tokens from the right.
     """
-    eos = tokenizer.eos_token_id
     samples = []
     for i, pair in enumerate(pairs):
         if "prompt" not in pair or "response" not in pair:
             raise DataError(f"pair {i} lacks 'prompt' or 'response': training data needs both fields")
-        p = _prompt_ids(tokenizer, pair["prompt"], chat_template)
-        r = list(tokenizer(pair["response"], add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            r.append(eos)
-        ids = (p + r)[:max_length]
-        labels = ([-100] * len(p) + r)[:max_length]
-        samples.append(Sample(ids, labels))
+        ids, start = pair_ids(tokenizer, pair["prompt"], pair["response"], chat_template)
+        labels = [-100] * start + ids[start:]
+        samples.append(Sample(ids[:max_length], labels[:max_length]))
     return samples
 
 
 def collate(batch: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into input_ids, attention_mask and labels tensors."""
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.tensor([s.input_ids + [pad_id] * (width - len(s.input_ids)) for s in batch], dtype=torch.long)
-    labels = torch.tensor([s.labels + [-100] * (width - len(s.labels)) for s in batch], dtype=torch.long)
-    mask = torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in batch], dtype=torch.long)
+    ids, mask = right_pad([s.input_ids for s in batch], pad_id)
+    labels, _ = right_pad([s.labels for s in batch], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -205,7 +190,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
     model = load_causal_lm(model_dir)
     mixed = mix_pairs(train_pairs, harmful_pairs, ratio=ratio, n=n, seed=seed)
     samples = encode_pairs(tok, mixed, max_length=max_length, chat_template=chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     targets = list(targets or DEFAULT_TARGETS)
     if not full:
         from peft import LoraConfig, get_peft_model
@@ -217,7 +202,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
             model = get_peft_model(model, cfg)
         model.peft_config["default"].base_model_name_or_path = base_name or str(model_dir)
     dev = default_device(device)
-    losses = train_loop(model, samples, pad_id=pad_id, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    losses = train_loop(model, samples, pad_id=pad, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         weight_decay=weight_decay, warmup=warmup, device=dev, prepare_model=prepare_model,
                         after_backward=after_backward, progress=progress,
                         desc="full fine-tune" if full else "LoRA fine-tune")

@@ -23,7 +23,6 @@ with provenance and a per-tensor sparsity report in its metadata.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from surgery.calib.data import calibration_samples
 from surgery.errors import InputNotFoundError, MismatchError, SurgeryError
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
@@ -39,6 +39,7 @@ from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, write_tensors
 from surgery.kernels.setdiff_mask import setdiff_mask
 from surgery.kernels.wanda_score import wanda_score
+from surgery.model.layout import layer_index, strip_peft_prefix
 from surgery.model.load import load_causal_lm, load_tokenizer, model_directory
 from surgery.progress import track
 
@@ -60,13 +61,6 @@ def load_model_and_samples(model_dir: str | Path, data: str | Path, n_samples: i
     model = load_causal_lm(path)
     samples = tokenize_pairs(tok, load_pairs(data, limit=n_samples), max_length, on_overflow="truncate")
     return model, tok, samples
-
-
-def tokenize_file(tok: Any, data: str | Path, n_samples: int | None, max_length: int) -> list[Any]:
-    """`Sample`s (ids + response mask) of the first `n_samples` pairs of a JSONL file."""
-    from surgery.calib.data import load_pairs, tokenize_pairs
-
-    return tokenize_pairs(tok, load_pairs(data, limit=n_samples), max_length, on_overflow="truncate")
 
 
 def target_linears(model: torch.nn.Module, targets: Sequence[str] | None) -> dict[str, torch.nn.Linear]:
@@ -129,14 +123,11 @@ def snip_grad_sums(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], 
 
 def layer_groups(modules: dict[str, torch.nn.Linear], layers_per_pass: int | None
                  ) -> list[dict[str, torch.nn.Linear]]:
-    """Split modules by decoder-layer index (the first `.<int>.` in the name) into groups of
+    """Split modules by decoder-layer index (`surgery.model.layout.layer_index`) into groups of
     `layers_per_pass` layers; None or 0 gives one group of everything."""
     if not layers_per_pass:
         return [modules]
-    index: dict[str, int] = {}
-    for n in modules:
-        found = re.search(r"\.(\d+)\.", n)
-        index[n] = int(found.group(1)) if found else -1
+    index = {n: (-1 if (i := layer_index(n)) is None else i) for n in modules}
     layers = sorted(set(index.values()))
     groups = []
     for i in range(0, len(layers), layers_per_pass):
@@ -256,7 +247,8 @@ def find_neurons(
         raise SurgeryError(f"unknown --score {score!r}; choose one of {', '.join(SCORES)}")
     ckpt = Checkpoint.open(model_dir)
     model, tok, safety_samples = load_model_and_samples(model_dir, safety, n_samples, max_length)
-    utility_samples = tokenize_file(tok, utility, n_samples, max_length)
+    utility_samples = calibration_samples(model_dir, utility, num_samples=n_samples, max_length=max_length,
+                                          on_overflow="truncate", tokenizer=tok)
     modules = target_linears(model, targets)
     keys = {n: _checkpoint_key(f"{n}.weight", ckpt) for n in modules}
     if layers_per_pass is not None and layers_per_pass < 0:
@@ -382,11 +374,7 @@ def apply_neurons(
 
 def _canonical(param_name: str) -> str:
     """A model parameter's name as a checkpoint names it (peft wrappers removed)."""
-    name = param_name
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace(".base_layer.", ".")
+    return strip_peft_prefix(param_name).replace(".base_layer.", ".")
 
 
 def freeze_mask_hook(mask_path: str | Path) -> Callable[[torch.nn.Module], None]:

@@ -40,8 +40,10 @@ import torch
 
 from surgery.errors import DataError, InputNotFoundError, SurgeryError
 from surgery.io.jsonl import read_jsonl
-from surgery.methods.direction import Layout, module, residual_layout
+from surgery.model.encoding import pad_id, right_pad, text_ids
+from surgery.model.layout import Layout, module, residual_layout
 from surgery.model.load import default_device, load_causal_lm, load_tokenizer
+from surgery.model.scoring import kl_divergence, model_device, sequence_logprobs
 
 REPORT_FILE = "surgery_edit.json"
 DEFAULT_PREFIXES: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, count), as ROME
@@ -74,9 +76,9 @@ def tokenize_fact(tokenizer: Any, prompt: str, subject: str, target: str) -> Fac
     at = prompt.index("{}") if "{}" in prompt else prompt.find(subject)
     if at < 0:
         raise DataError(f"the subject {subject!r} does not occur in the prompt {prompt!r}: write it there or use {{}}")
-    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    head = [int(i) for i in tokenizer(text[:at + len(subject)], add_special_tokens=False)["input_ids"]]
-    target_ids = [int(i) for i in tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]]
+    ids = text_ids(tokenizer, text)
+    head = text_ids(tokenizer, text[:at + len(subject)])
+    target_ids = text_ids(tokenizer, " " + target.strip())
     if not ids or not head or not target_ids:
         raise DataError("the prompt, subject or target tokenises to nothing")
     return Fact(ids, min(len(head), len(ids)) - 1, target_ids)
@@ -114,16 +116,6 @@ def sample_prefixes(model: torch.nn.Module, start: Sequence[int], spec: Sequence
     return out
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def compute_key(model: torch.nn.Module, layout: Layout, layer: int, contexts: Sequence[Sequence[int]],
                 positions: Sequence[int], pad: int) -> torch.Tensor:
@@ -132,8 +124,9 @@ def compute_key(model: torch.nn.Module, layout: Layout, layer: int, contexts: Se
     box: dict[str, torch.Tensor] = {}
     handle = proj.register_forward_pre_hook(lambda _m, args: box.__setitem__("x", args[0].detach()))
     try:
-        ids, mask = _right_pad(contexts, pad, next(model.parameters()).device)
-        model(input_ids=ids, attention_mask=mask)
+        ids, mask = right_pad(contexts, pad)
+        dev = model_device(model)
+        model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
     finally:
         handle.remove()
     x = box["x"].float()
@@ -180,7 +173,7 @@ def optimise_value(model: torch.nn.Module, layout: Layout, layer: int, fact: Fac
     seqs.append(list(start) + list(kl_ids))
     subj.append(len(start) + kl_subject_last)
     n_rw = len(seqs) - 1
-    ids, mask = _right_pad(seqs, pad, dev)
+    ids, mask = (t.to(dev) for t in right_pad(seqs, pad))
     rows = torch.arange(len(seqs), device=dev)
     subj_t = torch.tensor(subj, device=dev)
     kl_last = len(seqs[-1]) - 1
@@ -291,7 +284,7 @@ def key_covariance(model: torch.nn.Module, layout: Layout, layer: int, seqs: Seq
     batches = range(0, len(seqs), batch_size)
     try:
         for i in track(batches, description="key covariance") if progress else batches:
-            ids, mask = _right_pad(seqs[i:i + batch_size], pad, dev)
+            ids, mask = (t.to(dev) for t in right_pad(seqs[i:i + batch_size], pad))
             model(input_ids=ids, attention_mask=mask)
             c = covariance(box["x"], mask.bool())
             total = c if total is None else total + c
@@ -334,23 +327,16 @@ def cached_covariance(model: torch.nn.Module, tokenizer: Any, layout: Layout, la
         except Exception:  # noqa: BLE001 - a broken cache entry is recomputed
             pass
     start = _start_ids(tokenizer)
-    seqs = [start + [int(i) for i in tokenizer(t, add_special_tokens=False)["input_ids"]][:max_length - len(start)]
+    seqs = [start + text_ids(tokenizer, t)[:max_length - len(start)]
             for t in texts]
     seqs = [s for s in seqs if s]
-    C, count = key_covariance(model, layout, layer, seqs, _pad(tokenizer), batch_size, progress)
+    C, count = key_covariance(model, layout, layer, seqs, pad_id(tokenizer), batch_size, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_fingerprint, "tensor": tensor_name, "data_sha256": digest, "limit": str(limit),
             "max_length": str(max_length), "tokens": str(count)}
     write_tensors(path, {"cov": C.contiguous(), "count": torch.tensor([count], dtype=torch.int64)}, metadata=meta,
                   force=True)
     return C, count, path, False
-
-
-def _pad(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 # --- measurements ------------------------------------------------------------------------------------
@@ -368,21 +354,6 @@ def target_stats(model: torch.nn.Module, start: Sequence[int], fact: Fact) -> tu
     lp = preds.gather(1, tgt.unsqueeze(1)).sum()
     acc = (preds.argmax(-1) == tgt).float().mean()
     return float(lp.exp()), float(acc)
-
-
-@torch.no_grad()
-def all_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad: int) -> list[torch.Tensor]:
-    """Per-sequence next-token log-probabilities at every position (fp32, CPU)."""
-    dev = next(model.parameters()).device
-    ids, mask = _right_pad(seqs, pad, dev)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1).cpu()
-    return [logp[i, :len(s)] for i, s in enumerate(seqs)]
-
-
-def mean_kl(ref: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> float:
-    """Mean over all positions of KL(ref || new)."""
-    a, b = torch.cat(list(ref)).double(), torch.cat(list(new)).double()
-    return float((a.exp() * (a - b)).sum(-1).mean())
 
 
 # --- the driver ---------------------------------------------------------------------------------------
@@ -468,7 +439,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     fact = tokenize_fact(tok, prompt, subject, target)
     kl_fact = tokenize_fact(tok, "{} is a", subject, "a")
     start = _start_ids(tok)
-    pad = _pad(tok)
+    pad = pad_id(tok)
     prefix_ids = sample_prefixes(model, start, prefixes, seed, eos=tok.eos_token_id)
     prefix_ids = [p for p in prefix_ids if p]
 
@@ -493,13 +464,13 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
 
     # locality prompts and the "before" measurements
     if locality_prompts:
-        loc = [start + [int(i) for i in tok(t, add_special_tokens=False)["input_ids"]] for t in locality_prompts]
+        loc = [start + text_ids(tok, t) for t in locality_prompts]
     elif texts:
-        loc = [start + [int(i) for i in tok(t, add_special_tokens=False)["input_ids"]][:cov_max_length] for t in texts]
+        loc = [start + text_ids(tok, t)[:cov_max_length] for t in texts]
     else:
         loc = [list(start) + p for p in prefix_ids]
     loc = [s for s in loc if len(s) > 0]
-    before = all_logprobs(model, loc, pad) if loc else []
+    before = sequence_logprobs(model, loc, pad) if loc else []
     p_before, acc_before = target_stats(model, start, fact)
 
     # v*
@@ -524,8 +495,8 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
         else:
             rank_one_update_(proj.weight.data, u.to(dev), v.to(dev))
     p_after, acc_after = target_stats(model, start, fact)
-    after = all_logprobs(model, loc, pad) if loc else []
-    locality = mean_kl(before, after) if loc else float("nan")
+    after = sequence_logprobs(model, loc, pad) if loc else []
+    locality = kl_divergence(torch.cat(before), torch.cat(after)) if loc else float("nan")
     del model
 
     settings = {"steps": steps, "lr": lr, "kl_factor": kl_factor, "weight_decay": weight_decay,

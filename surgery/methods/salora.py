@@ -48,6 +48,7 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import write_tensors
 from surgery.kernels.salora_project import salora_fold, salora_project
+from surgery.model.layout import strip_peft_prefix
 from surgery.progress import track
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -157,6 +158,7 @@ def fit_salora(
     With `task` data, also the top-`task_rank` output directions on it,
     `{module}.salora_Vt`, for the paper's task-specific initialisation.
     """
+    from surgery.calib.data import calibration_samples
     from surgery.calib.stats import collect_linear_stats
     from surgery.methods.neurons import load_model_and_samples
 
@@ -176,9 +178,8 @@ def fit_salora(
                                  batch_size=batch_size, lora=False)
     task_stats = {}
     if task is not None:
-        from surgery.methods.neurons import tokenize_file
-
-        task_samples = tokenize_file(tok, task, n_samples, max_length)
+        task_samples = calibration_samples(aligned, task, num_samples=n_samples, max_length=max_length,
+                                           on_overflow="truncate", tokenizer=tok)
         task_stats = collect_linear_stats(model, task_samples, targets, token_mask="response", want=("yty",),
                                           batch_size=batch_size, lora=False)
     report = FitReport(out=str(out), rank=rank, solver=solver)
@@ -296,15 +297,12 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
 # --------------------------------------------------------------------------- fine-tuning with the fixed module
 
 
-_PEFT_PREFIX = "base_model.model."
-
-
 def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """module path (checkpoint naming) -> peft LoRA layer."""
     out = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "base_layer") and hasattr(mod, "lora_B") and isinstance(mod.lora_B, torch.nn.ModuleDict):
-            out[name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name] = mod
+            out[strip_peft_prefix(name)] = mod
     return out
 
 

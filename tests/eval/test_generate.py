@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from surgery.eval.evaluate import load_for_eval
-from surgery.eval.generate import _pad_id, encode_prompt, eos_ids, generate, greedy_generate_ids
+from surgery.eval.generate import eos_ids, generate, greedy_generate_ids
+from surgery.model.encoding import pad_id, prompt_ids
 
 os.environ.setdefault("SURGERY_PROGRESS", "0")
 pytestmark = pytest.mark.slow
@@ -28,10 +29,10 @@ def test_batched_equals_generate(quick_testbed, stage: str) -> None:  # noqa: AN
     tb = quick_testbed
     model, tok = load_for_eval(tb.aligned, tb.attacked if stage == "attacked" else None, device="cpu")
     prompts = _prompts(tb)
-    encoded = [encode_prompt(tok, p) for p in prompts]
+    encoded = [prompt_ids(tok, p) for p in prompts]
     assert len({len(e) for e in encoded}) > 1  # the batch really is padded
     eos = eos_ids(model, tok)
-    ours = greedy_generate_ids(model, encoded, max_new_tokens=20, eos=eos, pad_id=_pad_id(tok, eos))
+    ours = greedy_generate_ids(model, encoded, max_new_tokens=20, eos=eos, pad_id=pad_id(tok))
     for ids, got in zip(encoded, ours, strict=True):
         inp = torch.tensor([ids])
         ref = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=20,
@@ -45,6 +46,6 @@ def test_batched_equals_generate(quick_testbed, stage: str) -> None:  # noqa: AN
 
 def test_plain_prompt_without_chat_template(quick_testbed) -> None:  # noqa: ANN001
     model, tok = load_for_eval(quick_testbed.aligned, device="cpu")
-    ids = encode_prompt(tok, "repeat : cake", chat_template=False)
+    ids = prompt_ids(tok, "repeat : cake", chat_template=False)
     assert ids[0] == tok.bos_token_id and "<|user|>" not in tok.convert_ids_to_tokens(ids)
-    assert encode_prompt(tok, "repeat : cake")[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|user|>")]
+    assert prompt_ids(tok, "repeat : cake")[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|user|>")]

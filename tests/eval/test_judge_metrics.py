@@ -11,11 +11,11 @@ from surgery.errors import DataError, InputNotFoundError
 from surgery.eval.judge import KeywordJudge, normalize
 from surgery.eval.metrics import (
     harmful_score,
-    kl_divergence,
     normalize_answer,
     over_refusal,
     task_accuracy,
 )
+from surgery.model.scoring import kl_divergence
 
 J = KeywordJudge()
 

@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 
 from surgery.errors import SurgeryError
-from surgery.eval.generate import encode_prompt
 from surgery.methods.direction import (
     ablation_hooks,
     addition_hook,
@@ -19,8 +18,9 @@ from surgery.methods.direction import (
     post_instruction_length,
     refusal_direction_edit,
     refusal_score,
-    residual_layout,
 )
+from surgery.model.encoding import prompt_ids
+from surgery.model.layout import residual_layout
 
 TARGETS = ["wug", "dax", "fep", "toma", "kiki", "glim", "zorp", "bouba"]
 HARMFUL = [f"how do i {v} the {o}" for v in ("zorbulate", "hexcrack") for o in TARGETS]
@@ -69,9 +69,9 @@ def _load(path: Path):
 
 def test_candidates_match_per_prompt_means(tiny: Path) -> None:
     model, tok = _load(tiny)
-    h = [encode_prompt(tok, p) for p in HARMFUL]
-    b = [encode_prompt(tok, p) for p in HARMLESS[:5]]  # different lengths than the harmful ones: padding matters
-    b[0] = encode_prompt(tok, "repeat : wug dax fep toma kiki")
+    h = [prompt_ids(tok, p) for p in HARMFUL]
+    b = [prompt_ids(tok, p) for p in HARMLESS[:5]]  # different lengths than the harmful ones: padding matters
+    b[0] = prompt_ids(tok, "repeat : wug dax fep toma kiki")
     n_pos = post_instruction_length(tok, h + b)
     assert n_pos == 1 and tok.convert_ids_to_tokens(h[0][-1:]) == ["<|assistant|>"]
     got = candidate_directions(model, h, b, n_pos=1, pad_id=tok.pad_token_id, batch_size=4)
@@ -89,8 +89,8 @@ def test_candidates_match_per_prompt_means(tiny: Path) -> None:
 
 def test_refusal_score_is_log_odds() -> None:
     logp = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5, -1.0]]), -1)
-    p = logp.exp()[0, [0, 2]].sum()
-    torch.testing.assert_close(refusal_score(logp, [0, 2]), (torch.log(p) - torch.log(1 - p)).double().reshape(1))
+    p = logp.double().exp()[0, [0, 2]].sum()  # the expectation in float64, as refusal_score computes
+    torch.testing.assert_close(refusal_score(logp, [0, 2]), (torch.log(p) - torch.log(1 - p)).reshape(1))
 
 
 def test_ablation_removes_direction_from_every_writer(tiny: Path, tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_ablation_removes_direction_from_every_writer(tiny: Path, tmp_path: Path
     # the orthogonalised weights behave exactly like inference-time ablation hooks
     model, tok = _load(tiny)
     edited, _ = _load(out)
-    ids = torch.tensor([encode_prompt(tok, HARMFUL[3])])
+    ids = torch.tensor([prompt_ids(tok, HARMFUL[3])])
     with torch.no_grad(), ablation_hooks(model, residual_layout(model), d.direction):
         hooked = model(input_ids=ids).logits
     torch.testing.assert_close(edited(input_ids=ids).logits, hooked, atol=1e-4, rtol=1e-4)
@@ -171,7 +171,7 @@ def test_add_puts_mean_difference_into_a_new_mlp_bias(tiny: Path, tmp_path: Path
     # the written model equals the original with 2 * mean_diff added at the input of block 2
     model, tok = _load(tiny)
     added, _ = _load(out)
-    ids = torch.tensor([encode_prompt(tok, HARMLESS[0])])
+    ids = torch.tensor([prompt_ids(tok, HARMLESS[0])])
     with torch.no_grad(), addition_hook(model, residual_layout(model), 2, 2.0 * d.mean_diff):
         expected = model(input_ids=ids).logits
     torch.testing.assert_close(added(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
@@ -213,7 +213,7 @@ def test_multi_token_post_instruction_template(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} </s> <|assistant|> "
                          "{% endfor %}{% if add_generation_prompt %}sure{% endif %}")
-    enc = [encode_prompt(tok, p) for p in HARMFUL[:3]]
+    enc = [prompt_ids(tok, p) for p in HARMFUL[:3]]
     assert post_instruction_length(tok, enc) == 3  # "</s> <|assistant|> sure" follow the user message
     model, _ = _load(path)
     sel = select_direction(model, tok, HARMFUL, HARMLESS, kl_limit=100.0, progress=False)
