@@ -72,7 +72,8 @@ def finetune_command(model: str, data: str, harmful: str | None, ratio: float, n
     from surgery.io.atomic import check_output
     from surgery.methods.finetune import CONFIG_NAME, finetune
 
-    check_output(out, force)
+    inputs = {"--data": data, "--harmful": harmful, "--freeze-mask": freeze_mask, "--salora": salora_module}
+    check_output(out, force, {"MODEL": model, **inputs})
     if not 0.0 <= ratio <= 1.0:
         raise SurgeryError(f"--ratio must be in [0, 1], got {ratio}")
     if freeze_mask and not full:
@@ -101,7 +102,8 @@ def finetune_command(model: str, data: str, harmful: str | None, ratio: float, n
                     lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, targets=target_list,
                     epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, full=full, max_length=max_length,
                     chat_template=not no_chat_template, weight_decay=weight_decay, device=device,
-                    prepare_model=prepare, after_backward=after, force=force, extra_config=extra or None)
+                    prepare_model=prepare, after_backward=after, force=force, extra_config=extra or None,
+                    inputs=inputs)
     record = json.loads((Path(path) / CONFIG_NAME).read_text())
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))

@@ -114,8 +114,9 @@ def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | No
     cos(V, ΔW), principal angles between their top-r left subspaces and the share of
     ΔW's energy inside V's. Missing keys and shape mismatches are listed, not fatal.
     """
+    inputs = {"A": a, "B": b, "--base": base}
     if plot is not None:
-        check_output(plot, force)
+        check_output(plot, force, inputs)
         if plot_metric != "rel_change" and base is None:
             raise SurgeryError(f"--plot-metric {plot_metric} compares ΔW with V = A − BASE: give --base")
     report = diff_checkpoints(a, b, base=base, rank=rank, top=top, exact=True if exact else None, seed=seed,
@@ -124,7 +125,7 @@ def diff_command(a: str, b: str, base: str | None, as_json: bool, plot: str | No
         from surgery.analysis.plots import diff_heatmap
 
         try:
-            diff_heatmap(report, plot, force=force, metric=plot_metric, title=title)
+            diff_heatmap(report, plot, force=force, metric=plot_metric, title=title, inputs=inputs)
         except ValueError as exc:
             raise SurgeryError(f"cannot draw {plot}: {exc}") from None
     if as_json:

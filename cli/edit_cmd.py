@@ -148,6 +148,10 @@ def direction_command(model: str, harmful: str | None, harmless: str | None, dir
             raise SurgeryError(f"--layer takes a layer number or auto, got {layer!r}") from None
     if direction_file is None and (harmful is None or harmless is None):
         raise SurgeryError("give --harmful and --harmless prompt files (or --direction FILE)")
+    from surgery.io.atomic import check_output
+
+    check_output(out, force, {"MODEL": model, "--harmful": harmful, "--harmless": harmless,
+                              "--direction": direction_file})
     h = load_prompts(harmful, limit) if harmful and direction_file is None else None
     b = load_prompts(harmless, limit) if harmless and direction_file is None else None
     inputs = {k: Path(v) for k, v in (("harmful", harmful), ("harmless", harmless), ("direction", direction_file))

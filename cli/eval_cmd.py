@@ -57,6 +57,12 @@ def eval_command(model: str, adapter: str | None, harmful: str | None, task: str
         raise SurgeryError("the first-token KL needs both --harmless and --kl-reference")
     if max_new_tokens < 1 or batch_size < 1:
         raise SurgeryError("--max-new-tokens and --batch-size must be at least 1")
+    if save_generations is not None:  # replaced if it exists, but never one of the inputs
+        from surgery.io.atomic import check_output
+
+        check_output(save_generations, True, {"MODEL": model, "--adapter": adapter, "--harmful": harmful,
+                                              "--task": task, "--benign": benign, "--harmless": harmless,
+                                              "--kl-reference": kl_reference, "--markers": markers})
     judge = KeywordJudge.from_file(markers) if markers else KeywordJudge()
     res = evaluate(model, adapter, harmful=harmful, task=task, benign=benign, harmless=harmless,
                    kl_reference=kl_reference, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,

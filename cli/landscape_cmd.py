@@ -45,15 +45,16 @@ def landscape_command(a: str, b: str, harmful: str, task: str | None, benign: st
     B is a checkpoint with A's tensors, or a LoRA adapter over A (α then scales the
     adapter's update). A is loaded once; each α rewrites only the tensors that differ.
     """
+    inputs = {"A": a, "B": b, "--harmful": harmful, "--task": task, "--benign": benign}
     if plot is not None:
-        check_output(plot, force)
+        check_output(plot, force, inputs)
     alphas = alpha_grid(steps, start, stop)
     report = landscape(a, b, harmful=harmful, task=task, benign=benign, alphas=alphas,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, device=device)
     if plot is not None:
         from surgery.analysis.plots import landscape_plot
 
-        landscape_plot(report, plot, force=force, title=title)
+        landscape_plot(report, plot, force=force, title=title, inputs=inputs)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

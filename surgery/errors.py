@@ -36,6 +36,10 @@ class OutputExistsError(SurgeryError):
     """The output path exists and --force was not given."""
 
 
+class OutputOverlapsInputError(SurgeryError):
+    """The output path is an input, contains one or lies inside one (--force never allows it)."""
+
+
 class NonFiniteError(SurgeryError):
     """A computed tensor holds NaN or Inf."""
 

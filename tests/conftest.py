@@ -20,6 +20,9 @@ if "TRITON_INTERPRET" not in os.environ:
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
 
+# Tests read stderr; progress lines (what a pipe gets) are switched on only where a test asks.
+os.environ.setdefault("SURGERY_PROGRESS", "0")
+
 import pytest  # noqa: E402
 
 

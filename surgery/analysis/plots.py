@@ -11,7 +11,7 @@ from pathlib import Path
 
 from surgery.analysis.diff import DiffReport
 from surgery.analysis.landscape import LandscapeReport
-from surgery.io.atomic import atomic_path
+from surgery.io.atomic import InputPaths, atomic_path
 
 _PNG_META = {"Software": None}  # no version string in the file: same bytes across matplotlib builds
 
@@ -25,8 +25,8 @@ def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib types are
     return fig
 
 
-def _save(fig, dest: Path, force: bool) -> Path:  # noqa: ANN001
-    with atomic_path(dest, force=force) as tmp:
+def _save(fig, dest: Path, force: bool, inputs: InputPaths) -> Path:  # noqa: ANN001
+    with atomic_path(dest, force, inputs) as tmp:
         fig.savefig(tmp, format="png", metadata=_PNG_META)
     return dest
 
@@ -39,9 +39,10 @@ _HEAT = {  # metric -> (colour-bar label, colormap, fixed range or None, default
 
 
 def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, title: str | None = None,
-                 metric: str = "rel_change") -> Path:
+                 metric: str = "rel_change", inputs: InputPaths = ()) -> Path:
     """Heatmap of a per-cell aggregate (default ‖ΔW‖_F/‖W‖_F) per layer (rows) and module type
-    (columns); blank where absent. `metric` "cosine_v" / "energy_in_v" need a diff with a BASE."""
+    (columns); blank where absent. `metric` "cosine_v" / "energy_in_v" need a diff with a BASE.
+    A `dest` that overlaps one of `inputs` (the diffed checkpoints) is refused."""
     import numpy as np
 
     layers, types, values = report.grid(metric)
@@ -75,12 +76,13 @@ def diff_heatmap(report: DiffReport, dest: str | Path, *, force: bool = False, t
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title or default_title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(dest), force)
+    return _save(fig, Path(dest), force, inputs)
 
 
 def landscape_plot(report: LandscapeReport, dest: str | Path, *, force: bool = False,
-                   title: str | None = None) -> Path:
-    """HS (and FA, over-refusal when measured) against α, with A at α = 0 and B at α = 1."""
+                   title: str | None = None, inputs: InputPaths = ()) -> Path:
+    """HS (and FA, over-refusal when measured) against α, with A at α = 0 and B at α = 1;
+    a `dest` that overlaps one of `inputs` is refused."""
     fig = _figure(6.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     alphas = [p.alpha for p in report.points]
@@ -102,4 +104,4 @@ def landscape_plot(report: LandscapeReport, dest: str | Path, *, force: bool = F
     ax.legend(loc="center left", fontsize=8)
     ax.set_title(title or "safety landscape along A → B", fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(dest), force)
+    return _save(fig, Path(dest), force, inputs)

@@ -25,6 +25,7 @@ from surgery.eval.metrics import (
     over_refusal,
     task_accuracy,
 )
+from surgery.io.atomic import atomic_path, check_output
 from surgery.model.encoding import pad_id, prompt_ids
 from surgery.model.load import apply_adapter, default_device, load_causal_lm, load_tokenizer, model_directory
 from surgery.model.scoring import kl_divergence, next_token_logprobs
@@ -122,7 +123,13 @@ def evaluate(model_dir: PathLike, adapter: PathLike | None = None, *, harmful: P
              chat_template: bool = True, limit: int | None = None, device: str | None = None,
              save_generations: PathLike | None = None, progress: bool = False) -> EvalResult:
     """Load `model_dir` (+ `adapter`) and score it; see `evaluate_loaded`. Optionally write the
-    generations as JSONL to `save_generations`."""
+    generations as JSONL to `save_generations` (replaced if it exists; never one of the inputs)."""
+    named = {"MODEL": model_dir, "--adapter": adapter, "--harmful": harmful, "--task": task,
+             "--benign": benign, "--harmless": harmless, "--kl-reference": kl_reference}
+    inputs = {role: p for role, p in named.items() if isinstance(p, (str, Path))}
+    if save_generations is not None:
+        check_output(save_generations, True, inputs)
+
     def early(src: PathLike | Sequence[dict] | None, fields: tuple[str, ...]) -> Sequence[dict] | None:
         # read the data before the model so that a bad file fails fast
         return load_jsonl(src, fields, limit=limit) if isinstance(src, (str, Path)) else src
@@ -136,11 +143,8 @@ def evaluate(model_dir: PathLike, adapter: PathLike | None = None, *, harmful: P
     res.settings["model"] = str(model_dir)
     res.settings["adapter"] = None if adapter is None else str(adapter)
     if save_generations is not None:
-        out = Path(save_generations)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for g in res.generations:
-                f.write(json.dumps(g) + "\n")
-        tmp.replace(out)
+        with atomic_path(save_generations, True, inputs) as tmp:
+            with tmp.open("w", encoding="utf-8") as f:
+                for g in res.generations:
+                    f.write(json.dumps(g) + "\n")
     return res

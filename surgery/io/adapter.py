@@ -35,6 +35,7 @@ from surgery.errors import (
 from surgery.io.header import TensorInfo, dtype_name, read_header
 
 if TYPE_CHECKING:
+    from surgery.io.atomic import InputPaths
     from surgery.io.checkpoint import Checkpoint
 
 CONFIG_NAME = "adapter_config.json"
@@ -503,12 +504,14 @@ def rewrite_adapter(
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
     extra_files: Mapping[str, str] | None = None,
+    inputs: InputPaths = (),
 ) -> Path:
     """Write `adapter` to `out` with the tensors in `replaced` swapped in, atomically.
 
     The config is kept; tensors not replaced are streamed from the input one at a time,
     so a repair that changes a few lora_B (SafeLoRA, SaLoRA, Antidote) never holds the
     whole adapter. `extra_files` (e.g. a report) land in the same atomic directory.
+    An `out` that overlaps the adapter or one of the command's other `inputs` is refused.
     """
     from surgery.io.writer import CheckpointWriter, TensorSpec
 
@@ -516,7 +519,8 @@ def rewrite_adapter(
     specs = [TensorSpec.like(n, replaced[n] if n in replaced else adapter.info(n)) for n in names]
     extra = {CONFIG_NAME: json.dumps(adapter.config, indent=2, sort_keys=True) + "\n", **dict(extra_files or {})}
     with CheckpointWriter(out, specs, shard_size=1 << 62, metadata=dict(metadata or {}), force=force,
-                          weights_name=WEIGHTS_NAME, extra_files=extra) as writer:
+                          weights_name=WEIGHTS_NAME, extra_files=extra,
+                          inputs=inputs or {"ADAPTER": adapter.directory}) as writer:
         for n in names:
             writer.write(n, replaced[n] if n in replaced else adapter.get(n))
     return Path(out)

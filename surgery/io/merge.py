@@ -195,6 +195,15 @@ def _nonfinite_message(mode: str, name: str, dtype: torch.dtype) -> str:
     )
 
 
+def _input_path(source: str | Path | Checkpoint | LoraAdapter) -> list[Path]:
+    """The paths an already opened input (or a path) stands for."""
+    if isinstance(source, Checkpoint):
+        return [*source.files, *([source.directory] if source.directory else [])]
+    if isinstance(source, LoraAdapter):
+        return [source.directory]
+    return [Path(source)]
+
+
 def merge_adapter(
     base: str | Path | Checkpoint,
     adapter: str | Path | LoraAdapter,
@@ -214,12 +223,10 @@ def merge_adapter(
     """
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, {"BASE": _input_path(base), "ADAPTER": _input_path(adapter)})
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base, allow_pickle=allow_pickle)
     lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter, allow_pickle=allow_pickle)
-    inputs = [*ckpt.files, lora.directory, *([ckpt.directory] if ckpt.directory else [])]
-    if out.resolve() in {p.resolve() for p in inputs}:
-        raise SurgeryError(f"output {out} is one of the inputs, which are never modified; choose another path")
+    inputs = {"BASE": [*ckpt.files, *([ckpt.directory] if ckpt.directory else [])], "ADAPTER": lora.directory}
 
     modules, replacements = lora.match(ckpt)
     if not modules and not replacements:
@@ -253,7 +260,8 @@ def merge_adapter(
     torch.set_num_threads(1)
     try:
         with CheckpointWriter(out, specs, shard_size=shard_size, metadata=metadata, force=force,
-                              copy_files_from=ckpt.companion_files(), extra_files=extra_files) as writer:
+                              copy_files_from=ckpt.companion_files(), extra_files=extra_files,
+                              inputs=inputs) as writer:
             _MergeRun(ckpt, lora, writer, report, modules, replacements, head_of,
                       unmerge=unmerge, allow_nonfinite=allow_nonfinite).run()
             report.shards = list(writer.shards)

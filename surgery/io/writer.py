@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.io.atomic import atomic_path
+from surgery.io.atomic import InputPaths, atomic_path
 from surgery.io.header import DTYPE_SIZES, dtype_name
 from surgery.io.staging import Staging, as_bytes, flat_bytes
 
@@ -100,7 +100,8 @@ class CheckpointWriter:
     Use as a context manager; call `write(name, tensor)` once per planned tensor in
     any order. On a clean exit every tensor must have been written; the index (if
     sharded), companion files and extra files are added and the directory renamed
-    into place. On error nothing is left at `out`.
+    into place. On error nothing is left at `out`. `inputs` are the command's input
+    paths: an `out` that overlaps one is refused (see `surgery.io.atomic.check_output`).
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class CheckpointWriter:
         copy_files_from: Iterable[Path] | Path | None = None,
         weights_name: str = "model.safetensors",
         extra_files: Mapping[str, str | bytes] | None = None,
+        inputs: InputPaths = (),
     ) -> None:
         self.out = Path(out)
+        self.inputs = inputs
         self.specs = list(specs)
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
@@ -140,7 +143,7 @@ class CheckpointWriter:
         self.shards: list[str] = []
 
     def __enter__(self) -> CheckpointWriter:
-        self._context = atomic_path(self.out, force=self.force)
+        self._context = atomic_path(self.out, self.force, self.inputs)
         self._tmp = self._context.__enter__()
         try:
             self._tmp.mkdir()
@@ -293,12 +296,14 @@ def write_tensors(
     *,
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
+    inputs: InputPaths = (),
 ) -> Path:
-    """Write a small dict of tensors (a mask, a module, a direction) as one safetensors file, atomically."""
+    """Write a small dict of tensors (a mask, a module, a direction) as one safetensors file, atomically;
+    an `out` that overlaps one of `inputs` is refused."""
     out = Path(out)
     specs = [TensorSpec.like(name, t) for name, t in tensors.items()]
     header, offsets = _header_bytes(specs, {"format": "pt", **dict(metadata or {})})
-    with atomic_path(out, force=force) as tmp:
+    with atomic_path(out, force, inputs) as tmp:
         with tmp.open("wb") as handle:
             handle.write(header)
             for spec in specs:

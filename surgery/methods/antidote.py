@@ -162,7 +162,7 @@ def antidote(
     if not dry_run:
         if out is None:
             raise SurgeryError("give an output path (-o) or pass --dry-run")
-        check_output(out, force)
+        check_output(out, force, {"MODEL": model, "--calib": calib, "--adapter": adapter, "--aligned": aligned})
     if samples is None:
         if calib is None:
             raise SurgeryError("give harmful calibration data (--calib)")
@@ -245,7 +245,8 @@ def _antidote_adapter(
         meta = provenance("antidote-adapter", params, {"model": ckpt, "adapter": adapter, **inputs})
         report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
         rewrite_adapter(adapter, out, new, meta, force,
-                        extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"})
+                        extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"},
+                        inputs={"MODEL": model, "--adapter": adapter_dir, **inputs})
     report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
     return report
 

@@ -469,7 +469,8 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
     if mode not in ("ablate", "add"):
         raise SurgeryError(f"--mode must be ablate or add, got {mode!r}")
     out = Path(out)
-    check_output(out, force)
+    guarded = {"MODEL": model_dir, "--direction": direction_file, **(inputs or {})}
+    check_output(out, force, guarded)
     ckpt = Checkpoint.open(model_dir)
     cfg = ckpt.config()
     if cfg is None or ckpt.directory is None:
@@ -527,7 +528,7 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
     from surgery.progress import track
 
     with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files(), extra_files=extra) as writer:
+                          copy_files_from=ckpt.companion_files(), extra_files=extra, inputs=guarded) as writer:
         for name in track(names, description="write model") if progress else names:
             t = ckpt.get(name)
             kind = plan.get(name)

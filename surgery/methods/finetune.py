@@ -21,7 +21,7 @@ import json
 import math
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,15 +176,18 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
              weight_decay: float = 0.0, warmup: float = 0.05, device: str | torch.device | None = None,
              prepare_model: Hook | None = None, after_backward: Hook | None = None,
              force: bool = False, progress: bool = True, extra_config: dict | None = None,
-             base_name: str | None = None) -> Path:
+             base_name: str | None = None, inputs: Mapping[str, Any] | None = None) -> Path:
     """Fine-tune `model_dir` on `train_pairs` (poisoned with `harmful_pairs` at share `ratio`).
 
     Writes a peft LoRA adapter (r, alpha on `targets`, default all attention and MLP
     projections) or, with `full=True`, a whole model with its tokenizer, into `out`
     atomically; `out/surgery_finetune.json` records the configuration. `base_name` is
-    what the adapter config records as its base model (default: `model_dir`). Returns `out`.
+    what the adapter config records as its base model (default: `model_dir`). `inputs`: the
+    command's other input paths by role (data files, a mask, a SaLoRA module); `out` may not
+    overlap them or `model_dir`. Returns `out`.
     """
-    out = check_output(out, force)
+    guarded = {"MODEL": model_dir, **(inputs or {})}
+    out = check_output(out, force, guarded)
     torch.manual_seed(seed)
     tok = load_tokenizer(model_directory(model_dir))
     model = load_causal_lm(model_dir)
@@ -219,7 +222,7 @@ def finetune(model_dir: str | Path, train_pairs: Sequence[dict], out: str | Path
         **(extra_config or {}),
     }
     model.to("cpu")
-    with atomic_path(out, force=force) as tmp:
+    with atomic_path(out, force, guarded) as tmp:
         if full:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -241,7 +241,8 @@ def find_neurons(
     """
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    guarded = {"MODEL": model_dir, "--safety": safety, "--utility": utility}
+    check_output(out, force, guarded)
     p, q = _check_fraction("p", p), _check_fraction("q", q)
     if score not in SCORES:
         raise SurgeryError(f"unknown --score {score!r}; choose one of {', '.join(SCORES)}")
@@ -273,7 +274,7 @@ def find_neurons(
     meta["surgery.report"] = json.dumps({"selected": report.selected, "numel": report.numel,
                                          "sparsity": report.sparsity,
                                          "tensors": {t.name: t.selected for t in report.tensors}})
-    write_tensors(out, tensors, metadata=meta, force=force)
+    write_tensors(out, tensors, metadata=meta, force=force, inputs=guarded)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -323,7 +324,8 @@ def apply_neurons(
     attack) or setting them to `aligned`'s values (`mode="restore"`, the repair)."""
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    guarded = {"MODEL": model_dir, "--mask": mask, "--aligned": aligned}
+    check_output(out, force, guarded)
     if mode not in ("zero", "restore"):
         raise SurgeryError(f"--mode must be zero or restore, got {mode!r}")
     if mode == "restore" and aligned is None:
@@ -331,8 +333,6 @@ def apply_neurons(
     if mode == "zero" and aligned is not None:
         raise SurgeryError("--aligned is only used with --mode restore; drop it or use --mode restore")
     ckpt = Checkpoint.open(model_dir)
-    if ckpt.directory is not None and out.resolve() == ckpt.directory.resolve():
-        raise SurgeryError(f"output {out} is the input model; choose another output path")
     masks = open_mask(mask)
     ref = Checkpoint.open(aligned) if aligned is not None else None
     for name in masks.names():
@@ -351,7 +351,7 @@ def apply_neurons(
     meta = provenance("neurons-apply", params, inputs)
     changed = selected = 0
     with CheckpointWriter(out, specs, shard_size=shard_size, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files()) as writer:
+                          copy_files_from=ckpt.companion_files(), inputs=guarded) as writer:
         for name in track(ckpt.names(), description=f"neurons {mode}"):
             w = ckpt.get(name)
             if name in masks:

@@ -409,7 +409,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     mean next-token KL(before || after) on unrelated prompts (`locality_prompts`, else
     the first 16 corpus texts, else the sampled context prefixes).
     """
-    from surgery.io.atomic import check_output
+    from surgery.io.atomic import check_no_overlap, check_output
     from surgery.io.checkpoint import Checkpoint
     from surgery.io.provenance import provenance
     from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
@@ -421,7 +421,10 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     if steps < 0 or lr <= 0 or clamp_norm_factor <= 0:
         raise SurgeryError("--steps must be >= 0, --lr and --clamp-norm-factor positive")
     out = Path(out)
-    check_output(out, force)
+    guarded = {"MODEL": model_dir, "--cov-data": cov_data}
+    check_output(out, force, guarded)
+    if cache_dir is not None:  # the covariance cache is written there: never into an input
+        check_no_overlap(cache_dir, guarded)
     ckpt = Checkpoint.open(model_dir)
     if ckpt.directory is None or ckpt.config() is None:
         raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
@@ -518,7 +521,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     names = ckpt.names()
     specs = [TensorSpec.like(n, ckpt.info(n)) for n in names]
     with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files()) as writer:
+                          copy_files_from=ckpt.companion_files(), inputs=guarded) as writer:
         for n in names:
             t = ckpt.get(n)
             if n == name:

@@ -142,7 +142,8 @@ def safelora(
     """
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    inputs = {"ADAPTER": adapter, "--base": base, "--aligned": aligned}
+    check_output(out, force, inputs)
     if threshold is None and num_layers is None:
         num_layers = DEFAULT_NUM_LAYERS
     if threshold is not None and num_layers is not None:
@@ -154,8 +155,6 @@ def safelora(
     lora = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
     base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle)
     aligned_ckpt = Checkpoint.open(aligned, allow_pickle=allow_pickle)
-    if out.resolve() == Path(adapter).resolve():
-        raise SurgeryError(f"output {out} is the input adapter; choose another output path")
     bound, _ = lora.match(aligned_ckpt)
     for key, m in bound.items():
         if m.kind != "linear":
@@ -187,6 +186,6 @@ def safelora(
               "projected": sorted(r.module for r in results if r.projected)}
     meta = provenance("safelora", params, {"adapter": lora, "base": base_ckpt, "aligned": aligned_ckpt})
     rewrite_adapter(lora, out, {n: new_b[n] for n in replace}, meta, force,
-                    extra_files={REPORT_NAME: _report_json(report.to_dict())})
+                    extra_files={REPORT_NAME: _report_json(report.to_dict())}, inputs=inputs)
     report.seconds = time.perf_counter() - started
     return report

@@ -164,7 +164,8 @@ def fit_salora(
 
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    guarded = {"ALIGNED": aligned, "--safety": safety, "--task": task}
+    check_output(out, force, guarded)
     if solver not in SOLVERS:
         raise SurgeryError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if rank < 1:
@@ -208,7 +209,7 @@ def fit_salora(
     meta = provenance("salora-fit", params, inputs)
     meta["surgery.kind"] = KIND
     meta["surgery.salora"] = "C = I - U U^T per module; U = top output directions of the module on safety data"
-    write_tensors(out, tensors, metadata=meta, force=force)
+    write_tensors(out, tensors, metadata=meta, force=force, inputs=guarded)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -264,10 +265,9 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
     """Fold C = I - U U^T into every lora_B of `adapter` that has a fitted U and write `out` atomically."""
     started = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    inputs = {"ADAPTER": adapter, "--module": module}
+    check_output(out, force, inputs)
     lora = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
-    if out.resolve() == Path(adapter).resolve():
-        raise SurgeryError(f"output {out} is the input adapter; choose another output path")
     Us = load_module(module)
     report = ApplyReport(out=str(out))
     new_b: dict[str, torch.Tensor] = {}
@@ -289,7 +289,7 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
                             f"the module covers {', '.join(sorted(Us)[:3])}...")
     meta = provenance("salora-apply", {"folded": report.folded}, {"adapter": lora, "module": Path(module)})
     rewrite_adapter(lora, out, new_b, meta, force,
-                    extra_files={REPORT_NAME: _report_json(report.to_dict())})
+                    extra_files={REPORT_NAME: _report_json(report.to_dict())}, inputs=inputs)
     report.seconds = time.perf_counter() - started
     return report
 

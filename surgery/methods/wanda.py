@@ -136,7 +136,7 @@ def layer_surgery(
     if not dry_run:
         if out is None:
             raise SurgeryError("give an output path (-o) or ask for a dry run")
-        check_output(out, force)
+        check_output(out, force, {"MODEL": model, **(inputs or {})})
     dev = default_device(device)
     report = SurgeryReport(method, dict(params), out=None if dry_run else str(out), dry_run=dry_run,
                            samples=len(samples))
@@ -149,7 +149,7 @@ def layer_surgery(
         specs = [TensorSpec.like(name, ckpt.info(name)) for name in ckpt.names()]
         meta = provenance(method, params, {"model": ckpt, **(inputs or {})})
         writer = CheckpointWriter(out, specs, shard_size=shard_size, metadata=meta, force=force,
-                                  copy_files_from=ckpt.companion_files())
+                                  copy_files_from=ckpt.companion_files(), inputs={"MODEL": model, **(inputs or {})})
 
     def on_layer(ctx: LayerContext) -> None:
         for path, st in sorted(ctx.stats.items()):
@@ -268,7 +268,7 @@ def wanda(
     if scope not in ("row", "tensor"):
         raise SurgeryError(f"--scope must be row or tensor, got {scope!r}")
     if not dry_run and out is not None:
-        check_output(out, force)
+        check_output(out, force, {"MODEL": model, "--calib": calib})
     if samples is None:
         samples = calibration_samples(model, calib, num_samples=num_samples, max_length=max_length,
                                       chat_template=chat_template)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from surgery.errors import InputNotFoundError, OutputExistsError
+from surgery.io.atomic import normalize_modes
 from surgery.testbed.world import DEFAULT_SIZES, QUICK_SIZES, Sizes, World, make_world
 
 MANIFEST = "testbed.json"
@@ -239,6 +240,7 @@ def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force
                     "sizes": recipe.sizes.__dict__, "ratio": recipe.ratio,
                     "n_attack_harmful": int(recipe.ratio * len(world.task_train))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        normalize_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

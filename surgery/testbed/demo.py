@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from surgery.io.atomic import check_no_overlap
 from surgery.testbed.build import Testbed, build_testbed, spawn_pool
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
@@ -176,6 +177,10 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
     """
     start = time.perf_counter()
     out = Path(out_dir)
+    if testbed is not None:  # what the demo replaces under `out` must not touch the testbed it reads
+        given = {"--testbed": testbed.root if isinstance(testbed, Testbed) else testbed}
+        for written in (out / "work", out / "results.json", out / "hs_vs_fa.png"):
+            check_no_overlap(written, given)
     out.mkdir(parents=True, exist_ok=True)
     with _workers(jobs) as pool:
         if testbed is None:
