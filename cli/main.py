@@ -9,6 +9,7 @@ exception exits 1 (with the traceback under `-v`).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 import signal
@@ -21,6 +22,24 @@ from surgery import __version__
 from surgery.errors import SurgeryError
 
 _VERBOSE = {"level": 0}
+
+# OSErrors that come from the machine, not from a bug: one line and exit 2, like bad input.
+_ENVIRONMENT_ERRORS = {
+    errno.EROFS: "the file system is read-only; choose an output on a writable file system",
+    errno.ENOSPC: "the disk is full; free some space or choose another output directory",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output directory",
+    errno.EACCES: "permission denied; check the permissions or choose another path",
+    errno.EPERM: "operation not permitted; check the permissions or choose another path",
+}
+
+
+def environment_error_message(exc: OSError) -> str | None:
+    """The one-line message for an OSError the environment caused (read-only, full, no permission), else None."""
+    hint = _ENVIRONMENT_ERRORS.get(exc.errno) if exc.errno is not None else None
+    if hint is None:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno, '')}: {hint}"
 
 
 def _command_modules() -> dict[str, str]:
@@ -84,6 +103,15 @@ def main(argv: list[str] | None = None) -> None:
         if _VERBOSE["level"]:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        message = environment_error_message(exc)
+        if _VERBOSE["level"]:
+            traceback.print_exc()
+        if message is None:
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            sys.exit(1)
+        click.echo(f"error: {message}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

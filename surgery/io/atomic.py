@@ -53,6 +53,11 @@ def _sweep_stale(dest: Path) -> None:
 def check_output(dest: str | Path, force: bool = False) -> Path:
     """Refuse an existing output unless forced; call before any expensive work."""
     dest = Path(dest)
+    if dest.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise OutputExistsError(
+            f"output {dest} is the current directory (or one holding it), which is never replaced; "
+            "name a new directory for the output, e.g. -o ./out"
+        )
     if dest.exists() and not force:
         raise OutputExistsError(f"{dest} already exists; choose another output path or pass --force to replace it")
     return dest
