@@ -3,8 +3,9 @@
 Commands live in `surgery.cli.<name>_cmd` modules; each exposes `COMMANDS`, a list
 of click commands or groups. The modules are found by name and imported only when
 their command runs (or for `--help`), so `surgery merge` does not pay for triton and
-the methods. Errors: a `SurgeryError` prints one line and exits 2; any other
-exception exits 1 (with the traceback under `-v`).
+the methods. Errors: a `SurgeryError` prints one line and exits 2, and so does an
+OSError the environment causes (read-only file system, full disk or quota, no
+permission); any other exception exits 1 (with the traceback under `-v`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ _VERBOSE = {"level": 0}
 
 # OSErrors that come from the machine, not from a bug: one line and exit 2, like bad input.
 _ENVIRONMENT_ERRORS = {
-    errno.EROFS: "the file system is read-only; choose an output on a writable file system",
-    errno.ENOSPC: "the disk is full; free some space or choose another output directory",
-    errno.EDQUOT: "the disk quota is used up; free some space or choose another output directory",
-    errno.EACCES: "permission denied; check the permissions or choose another path",
-    errno.EPERM: "operation not permitted; check the permissions or choose another path",
+    errno.EROFS: "choose an output on a writable file system",
+    errno.ENOSPC: "free some space or choose another output directory",
+    errno.EDQUOT: "free some space or choose another output directory",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
 }
 
 
@@ -39,7 +40,7 @@ def environment_error_message(exc: OSError) -> str | None:
     if hint is None:
         return None
     where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno, '')}: {hint}"
+    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno, '')}; {hint}"
 
 
 def _command_modules() -> dict[str, str]:

@@ -9,6 +9,7 @@ rslora, `rank_pattern`/`alpha_pattern` regexes), fan_in_fan_out (GPT-2 Conv1D) a
 embedding LoRA (transposed delta). DoRA magnitudes, `lora_bias` and full
 replacement tensors (`modules_to_save`, saved embedding layers) are exposed so a
 merge can apply them; `match(base)` binds modules to a concrete base checkpoint.
+`adapter_config.json` is checked against one schema (`adapter_schema.SCHEMA`) first.
 """
 
 from __future__ import annotations

@@ -410,6 +410,7 @@ def _open_pickle(path: Path, allow_pickle: bool) -> Checkpoint:
         weight_map = _load_index(index_path)
         shard_of = {t: _check_shard_name(directory, s, index_path) for t, s in weight_map.items()}
         for shard in set(shard_of.values()):
+            refuse_special_file(shard)
             if not shard.is_file():
                 raise InputNotFoundError(f"{index_path} names {shard.name}, which is missing")
         return PickleCheckpoint(directory, shard_of, directory, index_path)

@@ -10,6 +10,9 @@ order up to `shard_size` bytes of tensor data; a tensor larger than the limit ge
 shard of its own; shards are named `model-00001-of-00003.safetensors`; an index
 `model.safetensors.index.json` with `metadata.total_size` (the sum of tensor bytes)
 and `weight_map` is written only when there is more than one shard.
+
+Since the plan gives the output's exact size, the free space at the destination is
+checked (statvfs) before the first byte is written.
 """
 
 from __future__ import annotations

@@ -287,8 +287,12 @@ def test_free_space_message_uses_megabytes(monkeypatch, tmp_path):
         writer.check_free_space(tmp_path, 198_000_000)
 
 
-@pytest.mark.parametrize("code_,text", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full"),
-                                        (errno.EDQUOT, "quota"), (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize("code_,text", [
+    (errno.EROFS, "Read-only file system; choose an output on a writable file system"),
+    (errno.ENOSPC, "No space left on device; free some space or choose another output directory"),
+    (errno.EDQUOT, "Disk quota exceeded; free some space"),
+    (errno.EACCES, "Permission denied; check its permissions"),
+])
 def test_environment_write_errors_are_one_line(capsys, models, tmp_path, monkeypatch, code_, text):
     def fail(*args, **kwargs):
         raise OSError(code_, os.strerror(code_), str(tmp_path / "o"))
