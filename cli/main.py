@@ -3,12 +3,14 @@
 Commands live in `surgery.cli.<name>_cmd` modules; each exposes `COMMANDS`, a list
 of click commands or groups. The modules are found by name and imported only when
 their command runs (or for `--help`), so `surgery merge` does not pay for triton and
-the methods. Errors: a `SurgeryError` prints one line and exits 2; any other
-exception exits 1 (with the traceback under `-v`).
+the methods. Errors: a `SurgeryError` prints one line and exits 2, and so does an
+OSError the environment causes (read-only file system, full disk or quota, no
+permission); any other exception exits 1 (with the traceback under `-v`).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import pkgutil
@@ -22,6 +24,24 @@ from surgery import __version__
 from surgery.errors import SurgeryError
 
 _VERBOSE = {"level": 0}
+
+# OSErrors that come from the machine, not from a bug: one line and exit 2, like bad input.
+_ENVIRONMENT_ERRORS = {
+    errno.EROFS: "choose an output on a writable file system",
+    errno.ENOSPC: "free some space or choose another output directory",
+    errno.EDQUOT: "free some space or choose another output directory",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+}
+
+
+def environment_error_message(exc: OSError) -> str | None:
+    """The one-line message for an OSError the environment caused (read-only, full, no permission), else None."""
+    hint = _ENVIRONMENT_ERRORS.get(exc.errno) if exc.errno is not None else None
+    if hint is None:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno, '')}; {hint}"
 
 
 def _command_modules() -> dict[str, str]:
@@ -86,6 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         if _VERBOSE["level"]:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        message = environment_error_message(exc)
+        if _VERBOSE["level"]:
+            traceback.print_exc()
+        if message is None:
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+            sys.exit(1)
+        click.echo(f"error: {message}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -12,6 +12,8 @@ starts where the prompt-only and the full token sequences first differ.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,12 @@ from surgery.errors import DataError
 from surgery.io.jsonl import read_jsonl as load_jsonl
 from surgery.model.encoding import pair_ids, prompt_ids
 from surgery.model.load import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Tokens past `max_length` a cut text must still produce, so that a cut (and the BPE merges
+# near it) never changes the first `max_length` tokens.
+_SPARE_TOKENS = 16
 
 __all__ = [
     "Sample", "calibration_samples", "load_jsonl", "load_pairs", "load_prompts", "load_tokenizer",
@@ -58,6 +66,42 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 # --------------------------------------------------------------------------- tokenization
 
 
+def chars_per_token(tokenizer: Any) -> int:
+    """The longest token string in the vocabulary: a cheap upper bound on the characters one
+    token covers (byte-level BPE stores a byte per character, SentencePiece and WordPiece spell
+    their pieces out). It only sizes the first cut; `_cut_until_full` widens a cut that falls short."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max(1, max((len(t) for t in vocab), default=1))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 16
+
+
+def _cut(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:chars]
+
+
+def _pair_ids_bounded(
+    tokenizer: Any, prompt: str, response: str, chat_template: bool, max_length: int, per_token: int
+) -> tuple[list[int], int, bool]:
+    """`pair_ids` that tokenizes only a bounded prefix of a very long prompt or response.
+
+    A text longer than `(max_length + spare) * per_token` characters is cut there; the cut
+    stands only if it still yields more than `max_length + spare` tokens (so the first
+    `max_length` are those of the whole text), else the cut is widened 4x and tried again.
+    Returns (ids, response start, whether the prompt was cut).
+    """
+    chars = (max_length + _SPARE_TOKENS) * per_token
+    while True:
+        p, r = _cut(prompt, chars), _cut(response, chars)
+        ids, start = pair_ids(tokenizer, p, r, chat_template)
+        prompt_cut, response_cut = len(p) < len(prompt), len(r) < len(response)
+        enough = max_length + _SPARE_TOKENS
+        if (not prompt_cut or start > enough) and (not response_cut or prompt_cut or len(ids) > enough):
+            return ids, start, prompt_cut
+        chars *= 4
+
+
 def tokenize_pairs(
     tokenizer: Any,
     pairs: Sequence[dict[str, Any]],
@@ -76,16 +120,19 @@ def tokenize_pairs(
     if on_overflow not in ("error", "truncate"):
         raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
     max_length = int(max_length)
+    per_token = chars_per_token(tokenizer)
     samples: list[Sample] = []
     for i, pair in enumerate(pairs, start=1):
         for field in ("prompt", "response"):
             if not isinstance(pair.get(field), str):
                 raise DataError(f"sample {i}: field {field!r} must be a string")
-        ids, start = pair_ids(tokenizer, pair["prompt"], pair["response"], chat_template)
+        ids, start, cut = _pair_ids_bounded(
+            tokenizer, pair["prompt"], pair["response"], chat_template, max_length, per_token
+        )
         if start > max_length and on_overflow == "error":
             raise DataError(
-                f"sample {i}: the prompt takes {start} tokens, more than the limit of {max_length}; "
-                "raise --max-length or shorten the prompt"
+                f"sample {i}: the prompt takes {'more than ' if cut else ''}{start} tokens, more than the limit "
+                f"of {max_length}; raise --max-length or shorten the prompt"
             )
         if not ids:
             raise DataError(f"sample {i}: tokenizes to no tokens; remove it or fix the tokenizer")
@@ -106,18 +153,43 @@ def tokenize_prompts(
     """Tokenize prompts (with the generation prompt); response masks are all False."""
     if max_length is None or int(max_length) <= 0:
         raise DataError(f"max_length must be a positive number of tokens, got {max_length}")
+    max_length = int(max_length)
+    per_token = chars_per_token(tokenizer)
     out: list[Sample] = []
     for i, prompt in enumerate(prompts, start=1):
-        ids = prompt_ids(tokenizer, prompt, chat_template)
+        chars = (max_length + _SPARE_TOKENS) * per_token
+        while True:  # a bounded prefix of a very long prompt, widened until it overflows (see _pair_ids_bounded)
+            ids = prompt_ids(tokenizer, _cut(prompt, chars), chat_template)
+            cut = len(prompt) > chars
+            if not cut or len(ids) > max_length + _SPARE_TOKENS:
+                break
+            chars *= 4
         if len(ids) > max_length:
             if on_overflow == "error":
                 raise DataError(
-                    f"sample {i}: the prompt takes {len(ids)} tokens, more than the limit of {max_length}; "
+                    f"sample {i}: the prompt takes {'more than ' if cut else ''}{len(ids)} tokens, more than "
+                    f"the limit of {max_length}; "
                     "raise --max-length or shorten the prompt"
                 )
             ids = ids[:max_length]
         out.append(Sample(torch.tensor(ids, dtype=torch.long), torch.zeros(len(ids), dtype=torch.bool)))
     return out
+
+
+def warn_beyond_positions(model_dir: str | Path, max_length: int) -> None:
+    """Warn when `max_length` exceeds the model config's `max_position_embeddings`: positions past
+    it were never trained (or do not exist), so statistics of longer samples mean little."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    positions = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    if isinstance(positions, int) and not isinstance(positions, bool) and max_length > positions:
+        log.warning(
+            "warning: --max-length %d exceeds the model's max_position_embeddings %d (%s); samples are cut "
+            "at %d tokens, but positions past %d were never trained", max_length, positions, model_dir,
+            max_length, positions,
+        )
 
 
 def calibration_samples(
@@ -132,5 +204,6 @@ def calibration_samples(
 ) -> list[Sample]:
     """Load `{"prompt","response"}` pairs and tokenize them with the model's own tokenizer."""
     pairs = load_pairs(path, limit=num_samples)
+    warn_beyond_positions(model_dir, max_length)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     return tokenize_pairs(tok, pairs, max_length, chat_template=chat_template, on_overflow=on_overflow)

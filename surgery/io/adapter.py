@@ -9,6 +9,7 @@ rslora, `rank_pattern`/`alpha_pattern` regexes), fan_in_fan_out (GPT-2 Conv1D) a
 embedding LoRA (transposed delta). DoRA magnitudes, `lora_bias` and full
 replacement tensors (`modules_to_save`, saved embedding layers) are exposed so a
 merge can apply them; `match(base)` binds modules to a concrete base checkpoint.
+`adapter_config.json` is checked against one schema (`adapter_schema.SCHEMA`) first.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from surgery.errors import (
     PickleRefusedError,
     SurgeryError,
 )
+from surgery.io.adapter_schema import validate_adapter_config
 from surgery.io.header import TensorInfo, dtype_name, read_header
+from surgery.io.paths import refuse_special_file, require_regular_file
+from surgery.io.pickled import load_pickle_weights
 
 if TYPE_CHECKING:
     from surgery.io.atomic import InputPaths
@@ -148,6 +152,9 @@ class LoraAdapter:
                 f"{path} is not an adapter directory; pass the folder holding {CONFIG_NAME}"
             )
         config_path = path / CONFIG_NAME
+        require_regular_file(config_path)
+        refuse_special_file(path / WEIGHTS_NAME)
+        refuse_special_file(path / PICKLE_NAME)
         if not config_path.is_file():
             raise InputNotFoundError(
                 f"{path} has no {CONFIG_NAME}; is it a peft LoRA adapter directory?"
@@ -157,7 +164,7 @@ class LoraAdapter:
         except OSError as exc:
             raise InputNotFoundError(f"{config_path} cannot be read ({exc.strerror}); fix its permissions") from None
         try:
-            config = json.loads(raw_config.decode("utf-8"))
+            config = json.loads(raw_config.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptFileError(f"{config_path} is not valid JSON ({exc}); re-export the adapter") from None
         if not isinstance(config, dict):
@@ -179,10 +186,7 @@ class LoraAdapter:
                     f"{pickle_path} is a pickle file, which can run code when loaded; "
                     "convert it to safetensors or pass --allow-pickle if you trust it"
                 )
-            try:
-                loaded = torch.load(pickle_path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-                raise CorruptFileError(f"{pickle_path} cannot be loaded with weights_only=True: {exc}") from None
+            loaded = load_pickle_weights(pickle_path)
             if not isinstance(loaded, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
             ):
@@ -198,22 +202,13 @@ class LoraAdapter:
 
     # ------------------------------------------------------------------ parsing
     def _parse(self) -> None:
-        try:
-            self._parse_unchecked()
-        except (TypeError, ValueError, re.error) as exc:
-            raise CorruptFileError(
-                f"{self.directory / CONFIG_NAME} has an invalid value ({exc}); check r, lora_alpha, "
-                "rank_pattern and alpha_pattern"
-            ) from None
-
-    def _parse_unchecked(self) -> None:
-        cfg = self.config
-        default_r = int(cfg.get("r", 8))
-        default_alpha = float(cfg.get("lora_alpha", 8))
-        rank_pattern = dict(cfg.get("rank_pattern") or {})
-        alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-        rslora = bool(cfg.get("use_rslora", False))
-        fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        cfg = validate_adapter_config(self.config, self.directory / CONFIG_NAME)
+        default_r: int = cfg["r"]
+        default_alpha: float = cfg["lora_alpha"]
+        rank_pattern: dict[str, int] = cfg["rank_pattern"]
+        alpha_pattern: dict[str, float] = cfg["alpha_pattern"]
+        rslora: bool = cfg["use_rslora"]
+        fan_in_fan_out: bool = cfg["fan_in_fan_out"]
 
         parts: dict[str, dict[str, str]] = {}
         kinds: dict[str, str] = {}
@@ -252,8 +247,8 @@ class LoraAdapter:
             r_found = a_shape[0]
             rk = pattern_key(rank_pattern, path)
             ak = pattern_key(alpha_pattern, path)
-            r = int(rank_pattern[rk]) if rk is not None else default_r
-            alpha = float(alpha_pattern[ak]) if ak is not None else default_alpha
+            r = rank_pattern[rk] if rk is not None else default_r
+            alpha = alpha_pattern[ak] if ak is not None else default_alpha
             if r != r_found:
                 raise CorruptFileError(
                     f"adapter module {path} has rank {r_found} but adapter_config.json implies r={r} "

@@ -120,6 +120,11 @@ def check_output(dest: str | Path, force: bool, inputs: InputPaths) -> Path:
     """
     dest = Path(dest)
     check_no_overlap(dest, inputs)
+    if dest.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise OutputExistsError(
+            f"output {dest} is the current directory (or one holding it), which is never replaced; "
+            "name a new directory for the output, e.g. -o ./out"
+        )
     if (dest.exists() or dest.is_symlink()) and not force:
         raise OutputExistsError(f"{dest} already exists; choose another output path or pass --force to replace it")
     return dest

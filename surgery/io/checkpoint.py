@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -27,6 +28,8 @@ from safetensors import safe_open
 
 from surgery.errors import CorruptFileError, InputNotFoundError, PickleRefusedError, UnsafePathError
 from surgery.io.header import DTYPE_SIZES, SafetensorsHeader, TensorInfo, dtype_name, read_header
+from surgery.io.paths import refuse_special_file
+from surgery.io.pickled import load_pickle_weights
 from surgery.io.staging import Staging, as_bytes, flat_bytes
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -52,6 +55,8 @@ COMPANION_FILES = (
     "chat_template.json",
 )
 
+
+log = logging.getLogger(__name__)
 
 _STAGING = threading.local()  # read_cast's reused block per stored dtype, one set per thread
 _STAGING_ELEMENTS = 1 << 20
@@ -80,7 +85,7 @@ def _check_shard_name(directory: Path, name: Any, index_path: Path) -> Path:
 
 def _load_index(index_path: Path) -> dict[str, str]:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(index_path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"{index_path} is not valid JSON ({exc}); re-download or regenerate it") from None
     except OSError as exc:
@@ -128,6 +133,10 @@ class Checkpoint:
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"{path} does not exist; give a model directory or a .safetensors file")
+        refuse_special_file(path)
+        if path.is_dir():
+            for name in (SAFE_INDEX, SAFE_WEIGHTS, PICKLE_INDEX, PICKLE_WEIGHTS):
+                refuse_special_file(path / name)
         if path.is_file():
             if path.suffix == ".safetensors":
                 return cls._from_files(path, [path], None, None)
@@ -177,7 +186,16 @@ class Checkpoint:
                 raise CorruptFileError(f"{index_path} has a non-string tensor name")
             shards.setdefault(shard, _check_shard_name(directory, shard, index_path))
         headers: dict[str, SafetensorsHeader] = {}
+        unnamed = sorted(
+            p.name for p in directory.glob("*.safetensors") if p.name not in shards and p.is_file()
+        )
+        if unnamed:
+            log.warning(
+                "warning: %s does not name %s in %s; %s ignored (a leftover, or an incomplete index?)",
+                index_path.name, ", ".join(unnamed), directory, "it is" if len(unnamed) == 1 else "they are",
+            )
         for shard, shard_path in shards.items():
+            refuse_special_file(shard_path)
             if not shard_path.is_file():
                 raise InputNotFoundError(
                     f"{index_path} names shard {shard!r}, which is missing from {directory}; "
@@ -245,7 +263,7 @@ class Checkpoint:
         if self.directory is None or not (self.directory / "config.json").is_file():
             return None
         try:
-            return json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
+            return json.loads((self.directory / "config.json").read_text(encoding="utf-8-sig"))
         except (OSError, json.JSONDecodeError) as exc:
             raise CorruptFileError(f"{self.directory / 'config.json'} is not valid JSON ({exc})") from None
 
@@ -358,10 +376,7 @@ class PickleCheckpoint(Checkpoint):
     def _load(self, shard: Path) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != shard:
             self._cached = None
-            try:
-                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CorruptFileError(f"{shard} cannot be loaded with weights_only=True ({exc})") from None
+            state = load_pickle_weights(shard)
             if not isinstance(state, dict):
                 raise CorruptFileError(f"{shard} does not hold a state dict")
             self._cached = (shard, state)
@@ -385,7 +400,7 @@ def _open_pickle(path: Path, allow_pickle: bool) -> Checkpoint:
             "or pass --allow-pickle to load it with weights_only=True"
         )
     if path.is_file() and not path.name.endswith(".index.json"):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pickle_weights(path)
         if not isinstance(state, dict):
             raise CorruptFileError(f"{path} does not hold a state dict")
         return PickleCheckpoint(path, {k: path for k in state}, path.parent, None)
@@ -395,9 +410,12 @@ def _open_pickle(path: Path, allow_pickle: bool) -> Checkpoint:
         weight_map = _load_index(index_path)
         shard_of = {t: _check_shard_name(directory, s, index_path) for t, s in weight_map.items()}
         for shard in set(shard_of.values()):
+            refuse_special_file(shard)
             if not shard.is_file():
                 raise InputNotFoundError(f"{index_path} names {shard.name}, which is missing")
         return PickleCheckpoint(directory, shard_of, directory, index_path)
     single = directory / PICKLE_WEIGHTS
-    state = torch.load(single, map_location="cpu", weights_only=True, mmap=True)
+    state = load_pickle_weights(single)
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{single} does not hold a state dict")
     return PickleCheckpoint(directory, {k: single for k in state}, directory, None)

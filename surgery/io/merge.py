@@ -188,10 +188,16 @@ def _untie_plan(
     return {emb: "lm_head.weight"}, {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
 
-def _nonfinite_message(mode: str, name: str, dtype: torch.dtype) -> str:
+def _nonfinite_message(mode: str, name: str, dtype: torch.dtype, in_base: bool) -> str:
+    """Blame the right input: the base tensor when it already holds NaN/Inf, else the adapter's delta."""
+    if in_base:
+        return (
+            f"the base tensor {name} already holds NaN or Inf, before the adapter; the base checkpoint is "
+            "damaged (re-download or re-export it), or pass --allow-nonfinite to write it anyway"
+        )
     return (
-        f"{mode} gives NaN or Inf in {name}; the adapter looks broken or too large for "
-        f"{str(dtype).removeprefix('torch.')} (pass --allow-nonfinite to write it anyway)"
+        f"{mode} gives NaN or Inf in {name}, which the base holds finite; the adapter looks broken or too "
+        f"large for {str(dtype).removeprefix('torch.')} (pass --allow-nonfinite to write it anyway)"
     )
 
 
@@ -202,6 +208,14 @@ def _input_path(source: str | Path | Checkpoint | LoraAdapter) -> list[Path]:
     if isinstance(source, LoraAdapter):
         return [source.directory]
     return [Path(source)]
+
+
+def _base_nonfinite(ckpt: Checkpoint, name: str) -> bool:
+    """Whether the base's own tensor `name` holds NaN or Inf (read only when a result does)."""
+    if name not in ckpt:
+        return False
+    stored = ckpt.get(name)
+    return stored.dtype.is_floating_point and not bool(torch.isfinite(stored).all())
 
 
 def merge_adapter(
@@ -347,7 +361,8 @@ class _MergeRun:
     # ---------------------------------------------------------------- whole tensors
     def _nonfinite(self, name: str, dtype: torch.dtype) -> None:
         if not self.allow_nonfinite:
-            raise NonFiniteError(_nonfinite_message(self.mode, name, dtype))
+            in_base = name not in self.replacements and _base_nonfinite(self.ckpt, name)
+            raise NonFiniteError(_nonfinite_message(self.mode, name, dtype, in_base))
         self.report.nonfinite.append(name)
 
     def _checked(self, name: str, result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

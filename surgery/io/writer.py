@@ -10,6 +10,9 @@ order up to `shard_size` bytes of tensor data; a tensor larger than the limit ge
 shard of its own; shards are named `model-00001-of-00003.safetensors`; an index
 `model.safetensors.index.json` with `metadata.total_size` (the sum of tensor bytes)
 and `weight_map` is written only when there is more than one shard.
+
+Since the plan gives the output's exact size, the free space at the destination is
+checked (statvfs) before the first byte is written.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from surgery.errors import SurgeryError
 from surgery.io.atomic import InputPaths, atomic_path
 from surgery.io.header import DTYPE_SIZES, dtype_name
 from surgery.io.staging import Staging, as_bytes, flat_bytes
+from surgery.io.summary import format_size
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -75,6 +80,33 @@ def shard_names(weights_name: str, count: int) -> list[str]:
         return [weights_name]
     stem = weights_name.removesuffix(".safetensors")
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `directory`."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse a write of `needed` bytes into `directory` that cannot fit, before any byte is written
+    (a full disk mid-write would cost the whole run). Unknown free space (no statvfs) passes."""
+    try:
+        free = free_bytes(directory)
+    except (OSError, AttributeError):
+        return
+    if needed > free:
+        raise SurgeryError(
+            f"the output needs {format_size(needed)}, {format_size(free)} free at {directory}; "
+            "free some space or choose another output directory"
+        )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
@@ -146,11 +178,12 @@ class CheckpointWriter:
         self._context = atomic_path(self.out, self.force, self.inputs)
         self._tmp = self._context.__enter__()
         try:
-            self._tmp.mkdir()
             planned = plan_shards(self.specs, self.shard_size)
             self.shards = shard_names(self.weights_name, len(planned))
-            for file_name, shard in zip(self.shards, planned, strict=True):
-                header, offsets = _header_bytes(shard, self.metadata)
+            headers = [_header_bytes(shard, self.metadata) for shard in planned]
+            check_free_space(self._tmp.parent, self._planned_bytes(headers))
+            self._tmp.mkdir()
+            for file_name, shard, (header, offsets) in zip(self.shards, planned, headers, strict=True):
                 path = self._tmp / file_name
                 with path.open("wb") as handle:
                     handle.write(header)
@@ -161,6 +194,14 @@ class CheckpointWriter:
             self._context.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
+
+    def _planned_bytes(self, headers: Sequence[tuple[bytes, dict[str, int]]]) -> int:
+        """Bytes the finished output takes: shard headers and data, the index, copied and extra files."""
+        data = sum(s.nbytes for s in self.specs)
+        index = 0 if len(headers) <= 1 else 200 + sum(len(s.name) + 40 for s in self.specs)
+        copied = sum(_file_size(Path(p)) for p in self.copy_files)
+        extra = sum(len(c.encode() if isinstance(c, str) else c) for c in self.extra_files.values())
+        return data + sum(len(h) for h, _ in headers) + index + copied + extra
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (its dtype and shape must match the plan)."""
@@ -304,6 +345,7 @@ def write_tensors(
     specs = [TensorSpec.like(name, t) for name, t in tensors.items()]
     header, offsets = _header_bytes(specs, {"format": "pt", **dict(metadata or {})})
     with atomic_path(out, force, inputs) as tmp:
+        check_free_space(tmp.parent, len(header) + sum(s.nbytes for s in specs))
         with tmp.open("wb") as handle:
             handle.write(header)
             for spec in specs:
