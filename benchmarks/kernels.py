@@ -19,6 +19,10 @@ Reported: median ms of both, speedup, GB/s of useful bytes (each input read once
 output written once) and its share of the device's copy bandwidth measured in the same
 run (`dst.copy_(src)` on 1 GiB). Every row also checks that both give the same result.
 
+Each op's cases live in `benchmarks/kernel_cases/<op>.py` (a `Case`: op, baseline, the
+check that both give the same result, the bytes moved), registered in `kernel_cases`; this
+script is the one runner: timing, the copy-bandwidth measurement, the checks, the tables.
+
 Without CUDA the GPU rows make no sense (the CPU path of most ops *is* its reference), so
 the script runs the CPU comparisons that do: SafeLoRA low-rank vs dense at r = 16,
 streaming statistics vs the hook code, the sort-free CPU select (`topk_mask`,
@@ -26,7 +30,8 @@ streaming statistics vs the hook code, the sort-free CPU select (`topk_mask`,
 `torch.quantile` refuses. Results: `benchmarks/results/kernels-<device>.json`, `.md`, `.png`.
 
     python benchmarks/kernels.py [--quick] [--shapes 4096x4096,...] [--dtypes bf16,fp32] [--ops mask,prune,...]
-    python benchmarks/kernels.py --smoke   # every GPU row at a tiny shape, on any device
+    python benchmarks/kernels.py --smoke   # every GPU row at a tiny shape, on any device, into /tmp
+    python benchmarks/kernels.py --quick --out /tmp/kb   # anywhere but benchmarks/results
 """
 
 from __future__ import annotations
@@ -44,34 +49,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from surgery.kernels import (
-    channel_sq_norms,
-    covariance,
-    direction_ablate_,
-    rank_one_update_,
-    safelora_project,
-    safelora_project_reference,
-    salora_project,
-    topk_mask,
-    topk_mask_reference,
-    wanda_prune_,
-    wanda_prune_reference_,
-    wanda_score,
-)
+from kernel_cases import CPU_SUITES, DTYPES, GPU_SUITE, OP_GROUPS, Case, Point, Suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE_OUT = Path("/tmp/surgery-kernel-bench-smoke")
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-TOKENS = 2048  # calibration tokens per batch for the statistics rows
-RANK_SAFELORA = 16
-RANK_SALORA = 32
-OP_GROUPS = ("score", "prune", "mask", "stats", "safelora", "salora", "rank_one")
-_SELECTED: set[str] = set(OP_GROUPS)
-
-
-def want(group: str) -> bool:
-    """Whether this op group was asked for (`--ops`)."""
-    return group in _SELECTED
+SMOKE_SHAPE = (64, 96)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -120,68 +103,11 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def baseline_wanda_row(W: torch.Tensor, s: torch.Tensor, ratio: float) -> None:
-    """locuslab/wanda `prune_wanda`: score, stable sort per row, scatter, zero."""
-    W_metric = torch.abs(W) * torch.sqrt(s.reshape(1, -1))
-    W_mask = torch.zeros_like(W_metric) == 1
-    sort_res = torch.sort(W_metric, dim=-1, stable=True)
-    indices = sort_res[1][:, : int(W_metric.shape[1] * ratio)]
-    W_mask.scatter_(1, indices, True)
-    W[W_mask] = 0
-
-
-def baseline_row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Antidote-style highest-k per row via stable sort + scatter."""
-    n = score.shape[1]
-    k = int(n * ratio)
-    idx = torch.sort(score, dim=-1, stable=True)[1][:, n - k :]
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
-
-
-def baseline_tensor_sort(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    flat = score.flatten().float()
-    n = flat.numel()
-    k = int(n * ratio)
-    idx = torch.sort(flat, stable=True)[1][n - k :]
-    return torch.zeros(n, dtype=torch.bool, device=score.device).scatter_(0, idx, True).reshape(score.shape)
-
-
-def baseline_tensor_kthvalue(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    flat = score.flatten().float()
-    n = flat.numel()
-    k = int(n * ratio)
-    thr = torch.kthvalue(flat, n - k + 1).values
-    return score.float() >= thr
-
-
-def baseline_hook_sq_norms(X: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Wanda's WrappedGPT.add_batch on the kept tokens: fp32 transposed copy, norm squared."""
-    inp = X[mask].t().float()
-    return torch.norm(inp, p=2, dim=1) ** 2
-
-
-def baseline_covariance(X: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    Xf = X[mask].float()
-    return Xf.T @ Xf
-
-
-def baseline_salora(X: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    C = torch.eye(U.shape[0], device=U.device) - U @ U.T
-    return (X.float() @ C.T).to(X.dtype)
-
-
-# ----------------------------------------------------------------------------- rows
+# ----------------------------------------------------------------------------- runner
 
 
 def row(op, shape, dtype, ours_ms, base_name, base_ms, nbytes, copy_gbps, check, note=""):
+    """One table row (the recorded results' format)."""
     gbps = nbytes / ours_ms / 1e6 if ours_ms and nbytes else None
     return {
         "op": op,
@@ -199,202 +125,50 @@ def row(op, shape, dtype, ours_ms, base_name, base_ms, nbytes, copy_gbps, check,
     }
 
 
-def gpu_rows(shape, dname: str, dev: torch.device, copy_gbps: float, quick: bool, gen: torch.Generator) -> list[dict]:
-    """All GPU comparisons for one weight shape and dtype."""
-    dtype = DTYPES[dname]
-    d_out, d_in = shape
-    esz = torch.finfo(dtype).bits // 8
-    numel = d_out * d_in
-    out: list[dict] = []
-
-    def randn(*sz, dt=dtype):
-        return torch.randn(*sz, generator=gen, device="cpu", dtype=torch.float32).to(dev, dt)
-
-    W = randn(d_out, d_in)
-    s = torch.rand(d_in, generator=gen).to(dev) * 4 + 0.01
-    ratio = 0.5
-
-    # Wanda score
-    if want("score"):
-        ms = bench(lambda: wanda_score(W, s), dev, quick)
-        bms = bench(lambda: W.abs() * torch.sqrt(s.reshape(1, -1)), dev, quick)
-        ok = torch.equal(wanda_score(W, s), (W.float().abs() * torch.sqrt(s.double()).float().reshape(1, -1)))
-        out.append(row("wanda_score", shape, dname, ms, "abs(W)*sqrt(s)", bms, numel * (esz + 4) + 4 * d_in, copy_gbps,
-                       "exact" if ok else "MISMATCH"))
-
-    # fused per-row prune (in place; repeated runs keep the work per run the same)
-    if want("prune"):
-        Wa, Wb = W.clone(), W.clone()
-        wanda_prune_(Wa, s, ratio)
-        baseline_wanda_row(Wb, s, ratio)
-        check = "exact" if torch.equal(Wa, Wb) else "MISMATCH"
-        Wa.copy_(W)
-        ms = bench(lambda: wanda_prune_(Wa, s, ratio), dev, quick)
-        Wb.copy_(W)
-        bms = bench(lambda: baseline_wanda_row(Wb, s, ratio), dev, quick)
-        out.append(row("wanda_prune_ row (fused)", shape, dname, ms, "wanda sort+scatter", bms, 2 * numel * esz, copy_gbps,
-                       check))
-
-    # masks on a precomputed score in the weight dtype
-    if want("mask"):
-        score = (W.float().abs() * torch.sqrt(s).reshape(1, -1)).to(dtype)
-        m1 = topk_mask(score, ratio, largest=True, scope="row")
-        check = "exact" if torch.equal(m1, baseline_row_mask(score.float(), ratio)) else "MISMATCH"
-        ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="row"), dev, quick)
-        bms = bench(lambda: baseline_row_mask(score, ratio), dev, quick)
-        out.append(row("topk_mask row", shape, dname, ms, "sort+scatter", bms, numel * (esz + 1), copy_gbps, check))
-
-        mt = topk_mask(score, ratio, largest=True, scope="tensor")
-        check = "exact" if torch.equal(mt, baseline_tensor_sort(score, ratio)) else "MISMATCH"
-        ms = bench(lambda: topk_mask(score, ratio, largest=True, scope="tensor"), dev, quick)
-        try:
-            bms = bench(lambda: baseline_tensor_sort(score, ratio), dev, quick)
-        except torch.OutOfMemoryError:
-            bms = None
-        out.append(row("topk_mask tensor", shape, dname, ms, "torch.sort flat", bms, numel * (esz + 1), copy_gbps, check,
-                       f"{numel / 2**24:.1f}x 2^24 elements"))
-        kms = bench(lambda: baseline_tensor_kthvalue(score, ratio), dev, True)
-        out.append(row("topk_mask tensor", shape, dname, ms, "torch.kthvalue flat", kms, numel * (esz + 1), copy_gbps,
-                       "count equal" if int(mt.sum()) == int(numel * ratio) else "MISMATCH", "kthvalue threshold ignores ties"))
-
-    # statistics over TOKENS tokens with a response mask
-    if want("stats"):
-        X = randn(TOKENS, d_in)
-        mask = torch.rand(TOKENS, generator=gen).to(dev) < 0.7
-        e = rel_err(channel_sq_norms(X, mask), baseline_hook_sq_norms(X, mask))
-        ms = bench(lambda: channel_sq_norms(X, mask), dev, quick)
-        bms = bench(lambda: baseline_hook_sq_norms(X, mask), dev, quick)
-        out.append(row("channel_sq_norms", (TOKENS, d_in), dname, ms, "hook torch.norm**2", bms, X.numel() * esz + TOKENS,
-                       copy_gbps, f"rel {e:.1e}"))
-        if not (quick and d_in > 14336):
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
+def measure(case: Case, point: Point, copy_gbps: float) -> dict | None:
+    """Check, then time ours and the baseline of one case at one point; None where it skips the point."""
+    trial = case.prepare(point)
+    if trial is None:
+        return None
+    with trial.setting():
+        check = trial.check()
+        ms = bench(trial.ours, point.dev, point.quick or trial.quick_ours)
+        base_ms = None
+        if trial.baseline is not None:
             try:
-                e = rel_err(covariance(X, mask), baseline_covariance(X, mask))
-                ms = bench(lambda: covariance(X, mask), dev, quick)
-                bms = bench(lambda: baseline_covariance(X, mask), dev, quick)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-            flops = 2.0 * int(mask.sum()) * d_in * d_in
-            out.append(row("covariance", (TOKENS, d_in), dname, ms, "fp32 Xf.T@Xf", bms, None, copy_gbps, f"rel {e:.1e}",
-                           f"{flops / ms / 1e9:.1f} TFLOP/s"))
-
-    # SafeLoRA, r = 16: V in the weight dtype, LoRA factors fp32
-    if want("safelora"):
-        V = W
-        B = randn(d_out, RANK_SAFELORA, dt=torch.float32) * 0.01
-        A = randn(RANK_SAFELORA, d_in, dt=torch.float32) * 0.01
-        Bn, cos = safelora_project(V, B, A)
-        Bd, cosd = safelora_project_reference(V, B, A)
-        check = f"rel {rel_err(Bn, Bd):.1e}, dcos {abs(cos - cosd):.1e}"
-        ms = bench(lambda: safelora_project(V, B, A), dev, quick)
-        try:
-            bms = bench(lambda: safelora_project_reference(V, B, A), dev, True)
-        except torch.OutOfMemoryError:
-            bms = None
-        out.append(row(f"safelora_project r={RANK_SAFELORA}", shape, dname, ms, "dense P (PEFT)", bms, 2 * numel * esz,
-                       copy_gbps, check))
-
-    # SaLoRA projection on activations [tokens, d_out]
-    if want("salora"):
-        X = randn(2 * TOKENS, d_out)
-        U = torch.linalg.qr(torch.randn(d_out, RANK_SALORA, generator=gen, dtype=torch.float32))[0].to(dev)
-        e = rel_err(salora_project(X, U).float(), baseline_salora(X, U).float())
-        ms = bench(lambda: salora_project(X, U), dev, quick)
-        bms = bench(lambda: baseline_salora(X, U), dev, quick)
-        out.append(row(f"salora_project r={RANK_SALORA}", (2 * TOKENS, d_out), dname, ms, "X @ dense C", bms,
-                       2 * X.numel() * esz, copy_gbps, f"rel {e:.1e}"))
-
-    # rank-one edits in place
-    if want("rank_one"):
-        u, v = randn(d_out, dt=torch.float32), randn(d_in, dt=torch.float32)
-        Wa, Wb = W.clone(), W.clone()
-        rank_one_update_(Wa, u, v)
-        Wb += torch.outer(u, v).to(dtype)
-        check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
-        ms = bench(lambda: rank_one_update_(Wa, u, v), dev, quick)
-        bms = bench(lambda: Wb.add_(torch.outer(u, v).to(dtype)), dev, quick)
-        out.append(row("rank_one_update_", shape, dname, ms, "W += outer(u,v)", bms, 2 * numel * esz, copy_gbps, check))
-        r = randn(d_out, dt=torch.float32)
-        rh = r / r.norm()
-        Wa.copy_(W)
-        Wb.copy_(W)
-        direction_ablate_(Wa, r)
-        Wb -= torch.outer(rh, rh @ Wb.float()).to(dtype)
-        check = f"rel {rel_err(Wa.float(), Wb.float()):.1e}"
-        ms = bench(lambda: direction_ablate_(Wa, r), dev, quick)
-        bms = bench(lambda: Wb.sub_(torch.outer(rh, rh @ Wb.float()).to(dtype)), dev, quick)
-        out.append(row("direction_ablate_", shape, dname, ms, "W -= outer(r, r@W)", bms, 2 * numel * esz, copy_gbps,
-                       check, "two passes (r^T W, then update)"))
-    sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+                base_ms = bench(trial.baseline, point.dev, point.quick or trial.quick_baseline)
+            except torch.OutOfMemoryError:
+                if not trial.baseline_may_oom:
+                    raise
+    note = trial.note(ms) if callable(trial.note) else trial.note
+    base = "—" if base_ms is None else f"{base_ms:.1f} ms"
+    print(f"    {case.op} vs {case.baseline}: {ms:.1f} ms vs {base}", file=sys.stderr)
+    return row(case.op, trial.shape or point.shape, trial.dtype or point.dname, ms, case.baseline, base_ms,
+               trial.useful_bytes, copy_gbps, check, note)
 
 
-def cpu_rows(dev: torch.device, copy_gbps: float, quick: bool, gen: torch.Generator) -> list[dict]:
-    """The comparisons that mean something without a GPU (fp32 CPU math)."""
-    out: list[dict] = []
-    shapes = [(1024, 1024), (2048, 2048), (1024, 4096), (4096, 4096)] if quick else [(1024, 1024), (2048, 2048), (4096, 4096),
-                                                                          (4096, 14336)]
-    for shape in shapes:
-        d_out, d_in = shape
-        V = torch.randn(d_out, d_in, generator=gen)
-        B = torch.randn(d_out, RANK_SAFELORA, generator=gen) * 0.01
-        A = torch.randn(RANK_SAFELORA, d_in, generator=gen) * 0.01
-        Bn, cos = safelora_project(V, B, A)
-        Bd, cosd = safelora_project_reference(V, B, A)
-        B64, cos64 = safelora_project_reference(V.double(), B.double(), A.double())
-        check = (f"vs fp64: rel {rel_err(Bn, B64):.1e}, dcos {abs(cos - cos64):.1e} "
-                 f"(dense fp32: {rel_err(Bd, B64):.1e}, {abs(cosd - cos64):.1e})")
-        ms = bench(lambda V=V, B=B, A=A: safelora_project(V, B, A), dev, quick)
-        bms = bench(lambda V=V, B=B, A=A: safelora_project_reference(V, B, A), dev, True)
-        out.append(row(f"safelora_project r={RANK_SAFELORA}", shape, "fp32", ms, "dense P (PEFT)", bms,
-                       2 * V.numel() * 4, copy_gbps, check))
-        print(f"  safelora {shape}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
-    for d in ([4096, 14336] if quick else [4096, 14336, 28672]):
-        X = torch.randn(TOKENS, d, generator=gen)
-        mask = torch.rand(TOKENS, generator=gen) < 0.7
-        e = rel_err(channel_sq_norms(X, mask), baseline_hook_sq_norms(X, mask))
-        ms = bench(lambda X=X, mask=mask: channel_sq_norms(X, mask), dev, quick)
-        bms = bench(lambda X=X, mask=mask: baseline_hook_sq_norms(X, mask), dev, quick)
-        out.append(row("channel_sq_norms", (TOKENS, d), "fp32", ms, "hook torch.norm**2", bms, X.numel() * 4 + TOKENS,
-                       copy_gbps, f"rel {e:.1e}"))
-        print(f"  sq_norms {d}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
-    # the sort-free CPU select (select_cpu: compiled row select, numpy per tensor) vs the sort
-    for shape in [(2048, 5632)] if quick else [(2048, 5632), (4096, 14336)]:
-        score = torch.rand(shape, generator=gen)
-        W = torch.randn(shape, generator=gen).to(torch.bfloat16)
-        s = torch.rand(shape[1], generator=gen)
-        numel = score.numel()
-        for scope, ratio in (("row", 0.1), ("tensor", 0.5)):
-            same = torch.equal(topk_mask(score, ratio, True, scope), topk_mask_reference(score, ratio, True, scope))
-            ms = bench(lambda sc=score, r=ratio, sp=scope: topk_mask(sc, r, True, sp), dev, quick)
-            bms = bench(lambda sc=score, r=ratio, sp=scope: topk_mask_reference(sc, r, True, sp), dev, True)
-            out.append(row(f"topk_mask {scope} {ratio:g} (CPU select)", shape, "fp32", ms, "torch.sort", bms,
-                           numel * 5, copy_gbps, "mask equal" if same else "MISMATCH"))
-            print(f"  cpu select {scope} {shape}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
-        same = torch.equal(wanda_prune_(W.clone(), s, 0.5), wanda_prune_reference_(W.clone(), s, 0.5))
-        ms = bench(lambda W=W, s=s: wanda_prune_(W.clone(), s, 0.5), dev, quick)
-        bms = bench(lambda W=W, s=s: wanda_prune_reference_(W.clone(), s, 0.5), dev, True)
-        out.append(row("wanda_prune_ row 0.5 (CPU select)", shape, "bf16", ms, "score + torch.sort + fill", bms,
-                       numel * 4, copy_gbps, "weights equal" if same else "MISMATCH", "both times include a clone"))
-        print(f"  cpu prune {shape}: {ms:.1f} ms vs {bms:.1f} ms", file=sys.stderr)
-    # per-tensor mask past 2^24 elements, where torch.quantile refuses
-    shape = (4096, 4097)
-    x = torch.randn(shape, generator=gen)
-    n = x.numel()
-    try:
-        torch.quantile(x.flatten(), 0.5)
-        qnote = "torch.quantile worked"
-    except RuntimeError as exc:
-        qnote = "torch.quantile: " + str(exc).split("\n")[0][:60]
-    m = topk_mask(x, 0.5, scope="tensor")
-    ms = bench(lambda: topk_mask(x, 0.5, scope="tensor"), dev, True)
-    out.append(row("topk_mask tensor", shape, "fp32", ms, "torch.quantile", None, n * 5, copy_gbps,
-                   "count exact" if int(m.sum()) == int(n * 0.5) else "MISMATCH",
-                   f"{n / 2**24:.2f}x 2^24 elements; {qnote}; CPU path = select_cpu's radix histograms"))
-    return out
+def run_suite(
+    suite: Suite, shapes: list[tuple[int, ...]], dnames: list[str], groups: set[str],
+    dev: torch.device, gen: torch.Generator, quick: bool, copy_gbps: float,
+) -> list[dict]:
+    """Rows of the suite's selected cases at every shape and dtype, in registry order."""
+    cases = [c for c in suite.cases if c.group in groups]
+    rows: list[dict] = []
+    if not cases:
+        return rows
+    for shape, dname in suite.points(suite.shapes(quick) if suite.shapes else shapes, dnames):
+        print(f"  {suite.name} {shape} {dname}", file=sys.stderr)
+        point = Point(shape, dname, dev, gen, quick)
+        suite.setup(point)
+        for case in cases:
+            r = measure(case, point, copy_gbps)
+            if r is not None:
+                rows.append(r)
+        del point
+        sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 # ----------------------------------------------------------------------------- output
@@ -450,18 +224,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and the smaller CPU shapes")
-    p.add_argument("--smoke", action="store_true", help="every GPU row at a tiny shape, results under /tmp")
+    p.add_argument("--smoke", action="store_true", help=f"every GPU row at a tiny shape, results under {SMOKE_OUT}")
     p.add_argument("--shapes", default=None, help="comma-separated d_outxd_in list for the GPU rows")
     p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; {SMOKE_OUT} with --smoke)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ops", default=",".join(OP_GROUPS), help="GPU op groups: " + ",".join(OP_GROUPS))
+    p.add_argument("--ops", default=",".join(OP_GROUPS), help="op groups: " + ",".join(OP_GROUPS))
     args = p.parse_args(argv)
-    _SELECTED.clear()
-    _SELECTED.update(o for o in args.ops.split(",") if o)
-    unknown = _SELECTED - set(OP_GROUPS)
+    groups = {o for o in args.ops.split(",") if o}
+    unknown = groups - set(OP_GROUPS)
     if unknown:
         p.error(f"unknown --ops {sorted(unknown)}; choose from {','.join(OP_GROUPS)}")
+    dnames = [d for d in args.dtypes.split(",") if d]
+    if set(dnames) - set(DTYPES):
+        p.error(f"unknown --dtypes {sorted(set(dnames) - set(DTYPES))}; choose from {','.join(DTYPES)}")
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
@@ -474,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # pragma: no cover
         triton_version = "absent"
     tag = device_tag(dev)
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else (SMOKE_OUT if args.smoke else RESULTS)
     if args.smoke:
-        out_dir = Path("/tmp/surgery-kernel-bench-smoke")
         tag = tag + "-smoke"
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_gbps = copy_bandwidth(dev, args.quick or args.smoke)
@@ -488,16 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.shapes:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         if args.smoke:
-            shapes = [(64, 96)]
-        dnames = [d for d in args.dtypes.split(",") if d]
+            shapes = [SMOKE_SHAPE]
         if dev.type != "cuda":
             dnames = [d for d in dnames if d != "bf16"] or ["fp32"]
-        for shape in shapes:
-            for dname in dnames:
-                print(f"  {shape} {dname}", file=sys.stderr)
-                rows += gpu_rows(shape, dname, dev, copy_gbps, args.quick or args.smoke, gen)
+        rows += run_suite(GPU_SUITE, shapes, dnames, groups, dev, gen, args.quick or args.smoke, copy_gbps)
     if dev.type != "cuda" and not args.smoke:
-        rows += cpu_rows(dev, copy_gbps, args.quick, gen)
+        for suite in CPU_SUITES:
+            rows += run_suite(suite, [], [], groups, dev, gen, args.quick, copy_gbps)
 
     meta = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}",

@@ -117,7 +117,7 @@ def run_product(base: Path, out: Path, n: int, seq_len: int, seed: int) -> dict:
 def run_split(base: Path, out: Path, n: int, seq_len: int, seed: int) -> dict:
     """The streamed Antidote (merged mode) with its edit timed as scoring and masking."""
     import torch
-    from surgery.kernels.topk_mask import topk_mask
+    from surgery.kernels import topk_mask
     from surgery.kernels.wanda_score import wanda_score
 
     from surgery.methods.antidote import antidote_count

@@ -1,16 +1,17 @@
 """Triton kernels for the hot operations, each beside its PyTorch reference.
 
-Every op module `surgery.kernels.<op>` exposes `<op>_reference` (plain PyTorch,
+Every op module `surgery.kernels.<op>` (a package, `surgery.kernels.topk`, for the op with
+several implementations) exposes `<op>_reference` (plain PyTorch,
 fp32 math, the source of truth) and `<op>`, which dispatches to Triton for CUDA
 tensors and to the reference for CPU tensors, except `topk_mask` and `wanda_prune_`,
 whose CPU tensors take `select_cpu`, a sort-free exact path that gives the reference's
-mask element for element (see `surgery.kernels.select_cpu`). Set `SURGERY_FORCE_TRITON=1`
+mask element for element (see `surgery.kernels.topk.cpu`). Set `SURGERY_FORCE_TRITON=1`
 together with `TRITON_INTERPRET=1` (before Triton is imported) to run the Triton
 code on CPU (the tests do). This package imports nothing else from the project.
 
 Tie rule for every top-k/mask: elements are totally ordered by (score, flat index),
 as torch.sort(stable=True) orders them; "smallest k" are the first k, "largest k"
-the last k (see `surgery.kernels.select_cpu`).
+the last k (see `surgery.kernels.topk.reference`).
 """
 
 from ._runtime import HAS_TRITON
@@ -24,7 +25,7 @@ from .rank_one import (
 from .safelora_project import column_space_basis, safelora_project, safelora_project_reference
 from .salora_project import salora_fold, salora_fold_reference, salora_project, salora_project_reference
 from .setdiff_mask import setdiff_mask, setdiff_mask_reference
-from .topk_mask import (
+from .topk import (
     topk_mask,
     topk_mask_reference,
     wanda_prune_,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .topk_mask import topk_mask, topk_mask_reference
+from .topk import topk_mask, topk_mask_reference
 
 __all__ = ["setdiff_mask", "setdiff_mask_reference"]
 

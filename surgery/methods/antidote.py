@@ -36,7 +36,7 @@ from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
-from surgery.kernels.topk_mask import topk_mask, wanda_prune_count_
+from surgery.kernels import topk_mask, wanda_prune_count_
 from surgery.kernels.wanda_score import wanda_score
 from surgery.methods.wanda import (
     DEFAULT_MAX_LENGTH,

@@ -34,7 +34,7 @@ from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
-from surgery.kernels.topk_mask import wanda_prune_count_
+from surgery.kernels import wanda_prune_count_
 from surgery.model.load import default_device
 from surgery.progress import track
 

@@ -1,7 +1,7 @@
 """The kernels compile for real GPUs (sm_90, and the Triton-3.6 histogram fallback), not
 only run in the interpreter: a subprocess without TRITON_INTERPRET builds cubins with the
 ptxas that Triton ships. A representative subset keeps this quick; run
-`python tests/kernels/compile_all.py 90` for every variant with registers and spills."""
+`python benchmarks/compile_all.py 90` for every variant with registers and spills."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("compile_all.py")
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compile_all.py"
 SUBSET = ",".join(
     [
         "wanda_score bf16",

@@ -8,9 +8,9 @@ scope="tensor", ties straddle block boundaries.
 from __future__ import annotations
 
 import pytest
-import surgery.kernels.select_cpu as cpu
+import surgery.kernels.topk.cpu as cpu
 import torch
-from surgery.kernels.topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
+from surgery.kernels import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
 
 SHAPES = [(1, 1), (1, 37), (37, 1), (5, 17), (7, 64), (3, 2, 33), (13, 130)]
 KINDS = ["random", "ties", "signed_zero", "inf_nan", "constant"]
@@ -195,7 +195,7 @@ def test_worker_error_reaches_the_caller(monkeypatch):
 def test_prune_count_is_the_number_of_nonzero_weights_zeroed(gen):
     """`wanda_prune_count_` returns exactly how many nonzero weights became zero, also when some
     selected weights were already zero."""
-    from surgery.kernels.topk_mask import wanda_prune_count_
+    from surgery.kernels import wanda_prune_count_
 
     W = torch.randint(-2, 3, (23, 57), generator=gen).float()  # about a fifth already zero
     s = torch.rand(57, generator=gen) + 0.1

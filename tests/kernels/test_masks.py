@@ -18,7 +18,7 @@ from surgery.kernels import (
     wanda_score_reference,
 )
 
-TOPK_MODULE = importlib.import_module("surgery.kernels.topk_mask")  # the package attribute is the function
+TOPK_TRITON = importlib.import_module("surgery.kernels.topk.triton")  # the kernels and launchers
 
 HAS_CUDA = torch.cuda.is_available()
 BF16 = pytest.param(
@@ -243,7 +243,7 @@ def test_tensor_scope_beyond_2_24_elements(gen):
 
 def test_histogram_without_mask_argument(monkeypatch, gen, helpers):
     """The portable path for Tritons whose tl.histogram lacks mask= (bin-0 subtraction)."""
-    monkeypatch.setattr(TOPK_MODULE, "_HIST_HAS_MASK", TOPK_MODULE.tl.constexpr(False))
+    monkeypatch.setattr(TOPK_TRITON, "_HIST_HAS_MASK", TOPK_TRITON.tl.constexpr(False))
     if HAS_CUDA:  # compiled kernels cache per constexpr value of globals only on recompile
         pytest.skip("checked under the interpreter")
     x = scores_of("ties", (3, 300), torch.float32, gen)
@@ -256,7 +256,7 @@ def test_histogram_without_mask_argument(monkeypatch, gen, helpers):
 def test_bf16_key_format_under_the_interpreter(monkeypatch, scope, gen, helpers):
     """bf16 scores use 16-bit keys (2 radix rounds, shift 16). The interpreter cannot load
     bf16, so feed bf16-representable fp32 scores through that key format: exact masks."""
-    monkeypatch.setattr(TOPK_MODULE, "_key_format", lambda dtype: (2, 16))
+    monkeypatch.setattr(TOPK_TRITON, "_key_format", lambda dtype: (2, 16))
     for kind in ("normal", "ties", "special"):
         x = scores_of(kind, (4, 300), torch.float32, gen).to(torch.bfloat16).float()
         for largest in (True, False):

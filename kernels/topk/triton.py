@@ -1,22 +1,12 @@
-"""Top-k masks by ratio, per row or per tensor, and the fused Wanda prune.
+"""Triton radix-select kernels for top-k masks and the fused Wanda prune, with their launchers.
 
-Tie rule (every mask in this package): elements are totally ordered by
-(score, flat index), exactly as `torch.sort(stable=True)` orders them; the
-"smallest k" are the first k in that order and the "largest k" are the last k.
-NaN sorts above +inf (all NaNs equal), and -0.0 equals +0.0, as in torch.sort.
-Scores are compared in fp32 (`scores.float()`), whatever their dtype.
-
-Count: k = int(n * ratio), where n is the row length (scope="row") or the number
-of elements (scope="tensor"); an explicit `k=` overrides the ratio (Antidote's own
-count, n - int(n * (1 - ratio)), can differ from int(n * ratio) by one).
-
-Kernels. Scores map to order-preserving int32 keys (the fp32 bit pattern with the
+Scores map to order-preserving int32 keys (the fp32 bit pattern with the
 non-sign bits flipped for negatives, shifted right by 16 for bf16 and by 8 for fp16
 inputs, whose low bits carry nothing). Selecting the first j elements means finding
 the j-th smallest key T by MSB radix select with 8-bit digits and `tl.histogram`
 (2, 3 or 4 rounds), then taking every key < T plus the first m keys == T in index
 order (a running `tl.cumsum` over the ties). "Largest k" is the complement of the
-smallest n - k, which gives exactly the last k of the order.
+smallest n - k, which gives exactly the last k of the order (the tie rule of `reference`).
 - scope="row": one program per row; the row is held in registers when it fits
   (<= 8192 elements) and re-read per round from cache otherwise.
 - scope="tensor": one launch per radix round, each program adding its local
@@ -25,13 +15,12 @@ smallest n - k, which gives exactly the last k of the order.
   its exclusive prefix sum, and a final pass write the mask. The only temporaries
   are 256-bin histograms and one int32 per 4096-element block, never a full-size
   tensor, and int64 offsets keep it correct beyond 2^24 (and 2^31) elements.
-`wanda_prune_` computes the score |W| * sqrt(s) on the fly inside the same kernels
+The fused prune computes the score |W| * sqrt(s) on the fly inside the same kernels
 and zeroes the selected weights in place: no score tensor, no sort, no int64 indices.
 
-CPU. CPU tensors dispatch to `select_cpu` / `wanda_prune_cpu` (module `select_cpu`): a
-sort-free exact path (per row block on a thread pool, this radix select compiled with numba,
-or numpy's introselect without it; radix histograms per tensor); the sort reference stays
-the source of truth and the tests compare the two element for element.
+Interpreter workarounds live here too: under TRITON_INTERPRET=1 bf16 inputs are widened
+to fp32 first (the interpreter's bf16 loads are wrong; fp32 keys order the same), and the
+per-tensor passes run few large programs.
 """
 
 from __future__ import annotations
@@ -41,13 +30,10 @@ import os
 
 import torch
 
-from ._runtime import HAS_TRITON, device_fn, interpreting, next_pow2, tl, triton, use_triton
-from .select_cpu import select_cpu, wanda_prune_cpu
-from .wanda_score import wanda_score_reference
+from .._runtime import HAS_TRITON, device_fn, interpreting, next_pow2, tl, triton
 
-__all__ = ["topk_mask", "topk_mask_reference", "wanda_prune_", "wanda_prune_count_", "wanda_prune_reference_"]
+__all__ = ["topk_mask_triton", "wanda_prune_triton_"]
 
-_SCOPES = ("row", "tensor")
 # Triton >= 3.7-ish has `tl.histogram(..., mask=)`; older versions need the bin-0 trick.
 _HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters)
 # Longest row held in registers in one block, and the block for longer rows (re-read per
@@ -58,72 +44,6 @@ _HIST_HAS_MASK = tl.constexpr(HAS_TRITON and "mask" in inspect.signature(tl.hist
 _MAX_SINGLE = 8192
 _CHUNK = 4096
 _TENSOR_BLOCK = 4096  # elements per program-block in the per-tensor passes
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def _count(n: int, ratio: float, k: int | None) -> int:
-    if k is not None:
-        k = int(k)
-        if not 0 <= k <= n:
-            raise ValueError(f"k={k} must lie in [0, {n}]")
-        return k
-    ratio = float(ratio)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio={ratio} must lie in [0, 1]")
-    return int(n * ratio)
-
-
-def _check_scope(scope: str) -> None:
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be 'row' or 'tensor', got {scope!r}")
-
-
-def _mask_count(scores: torch.Tensor, ratio: float, scope: str, k: int | None) -> tuple[int, int]:
-    """(group size n, count k) of a mask request, after checking scope, shape and count."""
-    _check_scope(scope)
-    if scores.dim() == 0:
-        raise ValueError("scores must have at least one dimension")
-    n = scores.numel() if scope == "tensor" else scores.shape[-1]
-    return n, _count(n, ratio, k)
-
-
-def topk_mask_reference(
-    scores: torch.Tensor,
-    ratio: float,
-    largest: bool = True,
-    scope: str = "row",
-    k: int | None = None,
-) -> torch.Tensor:
-    """Bool mask of the k largest (or smallest) scores, via torch.sort(stable=True).
-
-    The formulation of Wanda (lowest k per row) and Antidote (highest k per row);
-    the source of truth for the tie rule in the module docstring.
-    """
-    n, kk = _mask_count(scores, ratio, scope, k)
-    x = scores.float()
-    x = x.reshape(1, -1) if scope == "tensor" else x.reshape(-1, n)
-    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    if kk > 0 and x.numel() > 0:
-        idx = torch.sort(x, dim=-1, stable=True)[1]
-        sel = idx[:, n - kk :] if largest else idx[:, :kk]
-        mask.scatter_(1, sel, True)
-    return mask.reshape(scores.shape)
-
-
-def wanda_prune_reference_(
-    W: torch.Tensor,
-    sq_norms: torch.Tensor,
-    ratio: float,
-    largest: bool = False,
-    scope: str = "row",
-    k: int | None = None,
-) -> torch.Tensor:
-    """Zero, in place, the weights whose Wanda score is among the k smallest (largest); returns W."""
-    mask = topk_mask_reference(wanda_score_reference(W, sq_norms), ratio, largest, scope, k)
-    W.masked_fill_(mask, 0)
-    return W
 
 
 # --------------------------------------------------------------------------- kernels
@@ -433,93 +353,33 @@ def _select(
     launch(X2, S, out2, j, largest, mode, block)
 
 
-# --------------------------------------------------------------------------- public
+# --------------------------------------------------------------------------- entry points
 
 
-def topk_mask(
-    scores: torch.Tensor,
-    ratio: float,
-    largest: bool = True,
-    scope: str = "row",
-    k: int | None = None,
-    out: torch.Tensor | None = None,
-    _block: int | None = None,
+def topk_mask_triton(
+    scores: torch.Tensor, n: int, kk: int, largest: bool, scope: str,
+    out: torch.Tensor | None, block: int | None = None,
 ) -> torch.Tensor:
-    """Bool mask of the k = int(n * ratio) largest (or smallest) scores per row or per tensor.
-
-    Ties follow the module's rule (the torch.sort(stable=True) order). Triton radix
-    select on CUDA (no sort, no int64 indices); on CPU `select_cpu`, a sort-free exact
-    path (the same radix select per row block, compiled; radix histograms per tensor).
-    `out` (bool, scores' shape) receives the mask if given.
-    """
-    n, kk = _mask_count(scores, ratio, scope, k)
-    if not use_triton(scores):
-        if scores.device.type == "cpu":
-            return select_cpu(scores, kk, largest, scope, out)
-        mask = topk_mask_reference(scores, ratio, largest, scope, kk)
-        if out is None:
-            return mask
-        out.copy_(mask)
-        return out
+    """The top-k mask of `scores` (group size n, count kk, both checked) by radix select; into `out` if given."""
     x = _prep_scores(scores)
     if out is None:
         out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     elif out.shape != scores.shape or out.dtype != torch.bool or not out.is_contiguous():
         raise ValueError("out must be a contiguous bool tensor of the scores' shape")
-    _select(x, None, out, n, kk, largest, scope, 0, _block)
+    _select(x, None, out, n, kk, largest, scope, 0, block)
     return out
 
 
-def wanda_prune_(
-    W: torch.Tensor,
-    sq_norms: torch.Tensor,
-    ratio: float,
-    largest: bool = False,
-    scope: str = "row",
-    k: int | None = None,
-    _block: int | None = None,
-) -> torch.Tensor:
-    """Zero in place the weights with the k smallest (largest) Wanda scores |W|*sqrt(s); returns W.
-
-    Per row (Wanda, Antidote) or per tensor. On CUDA one fused kernel computes the
-    score on the fly, radix-selects and writes zeros: no score tensor, sort or indices.
-    On CPU the same sort-free selection as `select_cpu`, scoring one row block at a time.
-    """
-    wanda_prune_count_(W, sq_norms, ratio, largest, scope, k, _block)
-    return W
-
-
-def wanda_prune_count_(
-    W: torch.Tensor,
-    sq_norms: torch.Tensor,
-    ratio: float,
-    largest: bool = False,
-    scope: str = "row",
-    k: int | None = None,
-    _block: int | None = None,
-) -> int:
-    """`wanda_prune_`, returning how many nonzero weights it zeroed (what a surgery report
-    counts): counted inside the CPU path's row blocks, by `count_nonzero` elsewhere."""
-    _check_scope(scope)
-    if W.dim() != 2 or sq_norms.dim() != 1 or sq_norms.shape[0] != W.shape[1]:
-        raise ValueError(
-            f"wanda_prune_ needs W [d_out, d_in] and sq_norms [d_in], got {tuple(W.shape)} and {tuple(sq_norms.shape)}"
-        )
-    n = W.numel() if scope == "tensor" else W.shape[1]
-    kk = _count(n, ratio, k)
-    triton_path = use_triton(W, sq_norms)
-    if not triton_path and W.device.type == "cpu" and sq_norms.device.type == "cpu":
-        return wanda_prune_cpu(W, sq_norms, kk, largest, scope)
-    before = int(torch.count_nonzero(W))
-    if not triton_path:
-        wanda_prune_reference_(W, sq_norms, ratio, largest, scope, kk)
-    elif interpreting() and W.dtype == torch.bfloat16:
+def wanda_prune_triton_(
+    W: torch.Tensor, sq_norms: torch.Tensor, n: int, kk: int, largest: bool, scope: str, block: int | None = None
+) -> None:
+    """Zero in place the kk smallest (largest) Wanda scores of W per row or per tensor, fused in one kernel."""
+    if interpreting() and W.dtype == torch.bfloat16:  # the interpreter's bf16 is broken: prune an fp32 copy
         work = W.float()
-        _select(work, sq_norms.float().contiguous(), None, n, kk, largest, scope, 1, _block)
+        _select(work, sq_norms.float().contiguous(), None, n, kk, largest, scope, 1, block)
         W.copy_(work)
-    else:
-        work = W if W.is_contiguous() else W.contiguous()
-        _select(work, sq_norms.contiguous(), None, n, kk, largest, scope, 1, _block)
-        if work is not W:
-            W.copy_(work)
-    return before - int(torch.count_nonzero(W))
+        return
+    work = W if W.is_contiguous() else W.contiguous()
+    _select(work, sq_norms.contiguous(), None, n, kk, largest, scope, 1, block)
+    if work is not W:
+        W.copy_(work)

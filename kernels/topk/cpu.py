@@ -2,7 +2,7 @@
 
 CPU tensors never reach the Triton kernels (the interpreter is far too slow for real
 weights) and the sort reference costs ~30 ns per element; this path costs a few. The tie
-rule is `topk_mask`'s: the torch.sort(stable=True) order of fp32 scores, NaN on top (all
+rule is `reference`'s: the torch.sort(stable=True) order of fp32 scores, NaN on top (all
 NaNs equal), -0.0 == +0.0. The tests compare it with the reference element for element.
 
 scope="row". Rows are cut into blocks of about `_CPU_BLOCK` elements, which run on a pool
@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from .wanda_score import _sqrt_rn
+from ..wanda_score import _sqrt_rn
 
 __all__ = ["select_cpu", "wanda_prune_cpu", "jit_available"]
 

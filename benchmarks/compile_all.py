@@ -1,7 +1,7 @@
 """Compile every Triton kernel of surgery.kernels to a GPU binary without a GPU.
 
 Run as a script (never with TRITON_INTERPRET=1):
-`python tests/kernels/compile_all.py [sm] [substring,substring,...]` (default sm 90, all kernels).
+`python benchmarks/compile_all.py [sm] [substring,substring,...]` (default sm 90, all kernels).
 Triton ships ptxas, so the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) runs on a
 CPU-only machine; this catches what the interpreter cannot (type errors in compiled mode,
 constexpr handling, unsupported ops) and reports registers and spills per kernel variant.
@@ -30,7 +30,7 @@ def mod(name: str):
 
 def variants():
     """(label, kernel, signature, constexprs, num_warps) for the launches the ops make."""
-    tk = mod("topk_mask")
+    tk = mod("topk.triton")
     out = []
     ws = mod("wanda_score")
     for wt in ("fp32", "fp16", "bf16"):
@@ -141,7 +141,7 @@ def main() -> int:
     sm = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     only = [o for o in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if o]
     if os.environ.get("NO_HIST_MASK"):  # compile the Triton-3.6 fallback of tl.histogram(mask=)
-        tk = mod("topk_mask")
+        tk = mod("topk.triton")
         tk._HIST_HAS_MASK = triton.language.constexpr(False)
     target = GPUTarget("cuda", sm, 32)
     failures = 0

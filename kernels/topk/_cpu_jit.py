@@ -1,7 +1,7 @@
 """Compiled (numba) CPU row select: the per-row radix select of the Triton kernels, in one
 pass over the data per row plus passes over a shrinking candidate list.
 
-Imported by `select_cpu`, which falls back to its numpy path when numba is missing.
+Imported by `cpu.py` (`select_cpu`), which falls back to its numpy path when numba is missing.
 Functions work on one block of rows and release the GIL (`nogil`): `select_cpu` runs
 blocks on its thread pool, so no numba threading layer is involved (numba's default one
 aborts the process on concurrent launches from several Python threads).
