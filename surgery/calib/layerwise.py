@@ -25,6 +25,7 @@ compute dtype) and the per-layer keyword tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from surgery.calib.stats import Batch, LinearStats, StatsCollector, make_batches
 from surgery.errors import MismatchError, SurgeryError
 from surgery.io.checkpoint import Checkpoint
 from surgery.progress import track
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from surgery.io.adapter import LoraAdapter
@@ -405,6 +408,8 @@ def calibrate_layerwise(
 
     result: dict[str, LinearStats] = {}
     n_layers = len(skeleton.layers)
+    log.info("%s %s: %d layers, %d batches of %d samples", description, ckpt.path, n_layers, len(batches),
+             len(samples))
     for i in track(range(n_layers), total=n_layers, description=description):
         prefix = f"{skeleton.prefix}layers.{i}."
         with clock("read"):
@@ -434,6 +439,7 @@ def calibrate_layerwise(
         for b in range(len(batches)):
             layer_kwargs[b][i] = {}
         skeleton.spare.give(layer)  # the next layer is read into this one's memory
+        log.debug("layer %d/%d calibrated (%s)", i + 1, n_layers, "with on_layer" if on_layer else "stats only")
         del layer, lora, collector
         _release_memory()
     return result

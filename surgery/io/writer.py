@@ -15,6 +15,7 @@ and `weight_map` is written only when there is more than one shard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,8 @@ import torch
 from surgery.io.atomic import atomic_path
 from surgery.io.header import DTYPE_SIZES, dtype_name
 from surgery.io.staging import Staging, as_bytes, flat_bytes
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -154,6 +157,7 @@ class CheckpointWriter:
                     handle.truncate(len(header) + sum(s.nbytes for s in shard))
                 for spec in shard:
                     self._where[spec.name] = (path, len(header) + offsets[spec.name], spec)
+            log.debug("%s: %d tensors planned in %d shards", self.out, len(self.specs), len(self.shards))
         except BaseException as exc:
             self._context.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -265,6 +269,8 @@ class CheckpointWriter:
                 self._context.__exit__(type(inner), inner, inner.__traceback__)
                 raise
         self._context.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            log.info("wrote %s (%d tensors, %d shards)", self.out, len(self.specs), len(self.shards))
 
     def _finish(self, tmp: Path) -> None:
         if len(self.shards) > 1:
@@ -305,4 +311,5 @@ def write_tensors(
                 t = tensors[spec.name]
                 if spec.nbytes:
                     handle.write(as_bytes(t.detach().cpu().contiguous()))
+    log.info("wrote %s (%d tensors)", out, len(specs))
     return out

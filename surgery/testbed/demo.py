@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import pkgutil
 import shutil
 import time
@@ -25,6 +26,8 @@ from typing import Any
 
 from surgery.testbed.build import Testbed, build_testbed, spawn_pool
 from surgery.testbed.demo_api import DemoContext, DemoRow
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ORDER = 500
 
@@ -195,6 +198,7 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
         failures: list[str] = []
         for (name, _), (new, failed) in zip(selected, results, strict=True):  # in module order, as they finish
             rows.extend(new)
+            log.info("demo %s: %d rows%s", name, len(new), " (failed: see its row)" if failed else "")
             if failed:
                 failures.append(name)
             if on_row is not None:
