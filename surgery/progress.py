@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from rich.status import Status as RichStatus
 
 T = TypeVar("T")
 
@@ -44,7 +47,7 @@ class Status:
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self._status = None
+        self._status: RichStatus | None = None
 
     def __enter__(self) -> Status:
         if enabled():

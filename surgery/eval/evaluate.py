@@ -63,7 +63,7 @@ def load_for_eval(model_dir: PathLike, adapter: PathLike | None = None, device: 
                 model = PeftModel.from_pretrained(model, str(apath)).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as exc:
             raise MismatchError(f"adapter {apath} does not fit model {path}: {str(exc).splitlines()[0]}") from None
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers types .to() as its own wrapper
     model.eval()
     return model, tok
 

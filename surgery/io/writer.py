@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class CheckpointWriter:
         if isinstance(copy_files_from, Path):
             copy_files_from = [copy_files_from]
         self.copy_files = list(copy_files_from or [])
-        self._context = None
+        self._context: AbstractContextManager[Path] | None = None
         self._tmp: Path | None = None
         self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
         self._filled: dict[str, int] = {}  # bytes written so far, per tensor

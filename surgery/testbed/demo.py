@@ -204,13 +204,13 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
             if on_row is not None:
                 on_row(name, new)
     seconds = time.perf_counter() - start
-    results = {
+    summary = {
         "seed": seed, "quick": quick, "testbed": str(tb.root), "seconds": round(seconds, 2),
         "build_seconds": tb.manifest.get("build_seconds"), "failures": failures, "jobs": jobs,
         "rows": [r.to_dict() for r in rows],
     }
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     chart = write_chart(rows, out / "hs_vs_fa.png")
     return DemoReport(rows=rows, out_dir=out, testbed=tb, results_path=results_path, chart_path=chart,
                       seconds=seconds, failures=failures)
