@@ -8,10 +8,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from surgery.io.summary import format_size, summarize
+# surgery.io.summary (and so torch) is imported where it is used, so `surgery inspect --help` stays light.
 
 
 def _print_checkpoint(s: dict, console: Console) -> None:
+    from surgery.io.summary import format_size
+
     arch = s.get("architecture") or s.get("model_type") or "unknown architecture"
     layout = f"{len(s['files'])} shards" if s["sharded"] else s["files"][0] if s["files"] else "no files"
     console.print(f"[bold]{s['path']}[/bold]: checkpoint, {arch}, {layout}")
@@ -40,6 +42,8 @@ def _print_checkpoint(s: dict, console: Console) -> None:
 
 
 def _print_adapter(s: dict, console: Console) -> None:
+    from surgery.io.summary import format_size
+
     flags = [f for f in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if s[f]]
     console.print(f"[bold]{s['path']}[/bold]: LoRA adapter" + (f" over {s['base_model']}" if s["base_model"] else ""))
     console.print(
@@ -67,6 +71,8 @@ def _print_adapter(s: dict, console: Console) -> None:
 def inspect_command(path: str, as_json: bool, allow_pickle: bool) -> None:
     """Show what a checkpoint or LoRA adapter holds: tensors, parameters, bytes per dtype,
     layers and module types; for adapters rank, alpha and targets. Reads headers only."""
+    from surgery.io.summary import summarize
+
     summary = summarize(path, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -74,8 +74,8 @@ def column_reduce(X: torch.Tensor, weights: torch.Tensor | None, square: bool, s
     splits = triton.cdiv(max(n_rows, 1), rows_per_split)
     part = torch.empty((splits, n_cols), dtype=torch.float32, device=out_dev)
     has_w = weights is not None
-    w_bool = bool(has_w and weights.dtype == torch.bool)
-    if has_w:
+    w_bool = weights is not None and weights.dtype == torch.bool
+    if weights is not None:
         wt = weights.contiguous()
         if w_bool:
             wt = wt.view(torch.int8)

@@ -16,7 +16,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from rich.status import Status as RichStatus
 
 T = TypeVar("T")
 
@@ -95,7 +98,7 @@ class Status:
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self._status = None
+        self._status: RichStatus | None = None
         self._mode = "off"
         self._text = ""
         self._start = self._last = 0.0

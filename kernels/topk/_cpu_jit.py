@@ -24,12 +24,14 @@ matrix's rows, 5.5 for rows that are 90% zeros (the numpy fallback: 3.7 and 15).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba as nb
 import numpy as np
 
 __all__ = ["prune_rows", "select_rows"]
 
-_OPTS = {"nogil": True, "cache": True, "boundscheck": False}
+_OPTS: dict[str, Any] = {"nogil": True, "cache": True, "boundscheck": False}
 
 
 @nb.njit(inline="always", **_OPTS)

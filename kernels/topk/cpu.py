@@ -96,7 +96,7 @@ def _run_blocks(task: Callable[[int], None], starts: range) -> None:
         f.result()
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _scratch(name: str, shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> np.ndarray:
     """A per-thread buffer of this shape and dtype, reused across blocks (no page faults per block)."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = getattr(_LOCAL, name, None)
@@ -188,7 +188,7 @@ def _tensor_select(blocks, numel: int, k: int, largest: bool, emit) -> None:
 def select_cpu(scores: torch.Tensor, k: int, largest: bool, scope: str, out: torch.Tensor | None) -> torch.Tensor:
     """Exact top-k mask of CPU `scores` (the same mask as `topk_mask_reference`), sort-free, in row blocks."""
     direct = out is not None and out.shape == scores.shape and out.dtype == torch.bool and out.is_contiguous()
-    mask = out if direct else torch.empty(scores.shape, dtype=torch.bool)
+    mask = out if out is not None and direct else torch.empty(scores.shape, dtype=torch.bool)
     x = scores.detach()
     if x.numel() == 0:
         mask.fill_(False)

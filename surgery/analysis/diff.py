@@ -186,7 +186,7 @@ class DiffReport:
             for typ in types:
                 group = cells.get((layer, typ))
                 agg = _aggregate("", group) if group else None
-                ok = agg is not None and any(g.metrics for g in group)
+                ok = agg is not None and group is not None and any(g.metrics for g in group)
                 row.append(getattr(agg, metric) if ok else None)
             values.append(row)
         return layers, types, values
@@ -306,10 +306,10 @@ def diff_checkpoints(
     )
     kw = dict(rank=rank, top=top, exact=exact, seed=seed, atol=atol)
     if adapter_mode:
-        lora = b if isinstance(b, LoraAdapter) else LoraAdapter.open(b, allow_pickle=allow_pickle)
+        lora = b if isinstance(b, LoraAdapter) else LoraAdapter.open(b, allow_pickle=allow_pickle)  # type: ignore[arg-type]  # not a Checkpoint in adapter mode
         _diff_adapter(ckpt_a, lora, ckpt_base, report, kw, progress_label)
     else:
-        ckpt_b = b if isinstance(b, Checkpoint) else Checkpoint.open(b, allow_pickle=allow_pickle)
+        ckpt_b = b if isinstance(b, Checkpoint) else Checkpoint.open(b, allow_pickle=allow_pickle)  # type: ignore[arg-type]  # an adapter is adapter mode
         _diff_dense(ckpt_a, ckpt_b, ckpt_base, report, kw, progress_label)
     report.seconds = time.perf_counter() - started
     return report

@@ -106,13 +106,13 @@ def _plan_adapter(a: Checkpoint, lora: LoraAdapter) -> dict[str, Setter]:
                     return w.addmm_(lora.lora_A(m).T, lora.lora_B(m).T, alpha=alpha * m.scaling)
                 return w.addmm_(lora.lora_B(m), lora.lora_A(m), alpha=alpha * m.scaling)
         elif m is not None or rkey is not None or bias_m is not None:
-            def setter(alpha: float, m: Any = m, rkey: Any = rkey, bias_m: Any = bias_m,
+            def setter(alpha: float, m: Any = m, rkey: Any = rkey, bias_m: Any = bias_m,  # type: ignore[misc]
                        name: str = name) -> torch.Tensor:
                 w = a.get(name).to(torch.float32)
                 if m is not None:
                     end = merged_weight(lora, m, lora.get(rkey) if rkey is not None else w)
                 elif bias_m is not None:
-                    end = w + lora.bias(bias_m)
+                    end = w + lora.bias(bias_m)  # type: ignore[operator]  # bias_m names a saved bias
                 else:
                     end = lora.get(rkey).to(torch.float32)
                 return torch.lerp(w, end, alpha)

@@ -126,13 +126,13 @@ def row_blocks(m: int, n: int, max_elements: int = BLOCK_ELEMENTS) -> Iterator[s
 def sum_sq(x: torch.Tensor) -> float:
     """Σ x², accumulated in fp64 one row block at a time (no full-size temporary)."""
     m = as_matrix(x)
-    return sum(float(torch.linalg.vector_norm(m[rows].double()) ** 2) for rows in row_blocks(*m.shape, _F64_BLOCK))
+    return sum(float(torch.linalg.vector_norm(m[rows].double()) ** 2) for rows in row_blocks(m.shape[0], m.shape[1], _F64_BLOCK))
 
 
 def dot(x: torch.Tensor, y: torch.Tensor) -> float:
     """Σ x ⊙ y, accumulated in fp64 one row block at a time (no full-size temporary)."""
     a, b = as_matrix(x), as_matrix(y)
-    return sum(float((a[rows].double() * b[rows].double()).sum()) for rows in row_blocks(*a.shape, _F64_BLOCK))
+    return sum(float((a[rows].double() * b[rows].double()).sum()) for rows in row_blocks(a.shape[0], a.shape[1], _F64_BLOCK))
 
 
 def frob_sq(delta: Delta) -> float:
@@ -350,7 +350,7 @@ def delta_metrics(
     """
     wm = as_matrix(w).to(torch.float32)
     lowrank = isinstance(delta, LowRank)
-    d: Delta = delta if lowrank else as_matrix(delta).to(torch.float32)
+    d: Delta = delta if isinstance(delta, LowRank) else as_matrix(delta).to(torch.float32)
     norm_w2 = sum_sq(wm)
     norm_d2 = frob_sq(d)
     wd = inner(wm, d)

@@ -25,6 +25,7 @@ compute dtype) and the per-layer keyword tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from surgery.errors import MismatchError, SurgeryError
 from surgery.io.checkpoint import Checkpoint
 from surgery.model.load import load_config, model_from_config
 from surgery.progress import track
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from surgery.io.adapter import LoraAdapter
@@ -60,7 +63,7 @@ def _params_on_meta() -> Iterator[None]:
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -401,6 +404,8 @@ def calibrate_layerwise(
 
     result: dict[str, LinearStats] = {}
     n_layers = len(skeleton.layers)
+    log.info("%s %s: %d layers, %d batches of %d samples", description, ckpt.path, n_layers, len(batches),
+             len(samples))
     for i in track(range(n_layers), total=n_layers, description=description):
         prefix = f"{skeleton.prefix}layers.{i}."
         with clock("read"):
@@ -430,6 +435,7 @@ def calibrate_layerwise(
         for b in range(len(batches)):
             layer_kwargs[b][i] = {}
         skeleton.spare.give(layer)  # the next layer is read into this one's memory
+        log.debug("layer %d/%d calibrated (%s)", i + 1, n_layers, "with on_layer" if on_layer else "stats only")
         del layer, lora, collector
         _release_memory()
     return result

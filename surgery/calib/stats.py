@@ -108,17 +108,17 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
 
 
-def _lora_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+def _lora_parts(module: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear] | None:
     """(base_layer, lora_A, lora_B) of a peft LoRA layer's active adapter, or None."""
     base = module.base_layer
     a, b = module.lora_A, module.lora_B
-    if isinstance(a, nn.ModuleDict):
+    if isinstance(a, nn.ModuleDict) and isinstance(b, nn.ModuleDict):
         active = getattr(module, "active_adapters", None) or list(a.keys())
         key = active[0] if isinstance(active, (list, tuple)) else active
         if key not in a:
             return None
         a, b = a[key], b[key]
-    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+    if not isinstance(base, nn.Module) or not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
         return None
     return base, a, b
 
@@ -179,7 +179,7 @@ class StatsCollector:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if not self.enabled:
                 return
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            x = args[0] if args else kwargs["input"] if "input" in kwargs else kwargs["x"]
             self._accumulate(st, mod, x, want_y)
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -205,7 +205,7 @@ class StatsCollector:
             st.xtx = c if st.xtx is None else st.xtx.add_(c)
         if want_y:
             xs = x2 if mask is None else x2[mask]
-            y = xs.float() @ mod.weight.detach().float().t()
+            y = xs.float() @ mod.weight.detach().float().t()  # type: ignore[operator]  # a Linear's weight
             c = covariance(y, None)
             st.yty = c if st.yty is None else st.yty.add_(c)
 

@@ -44,7 +44,7 @@ def load_for_eval(model_dir: PathLike, adapter: PathLike | None = None, device: 
     model = load_causal_lm(model_dir, dtype=dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers types .to() as its own wrapper
     model.eval()
     return model, tok
 

@@ -27,7 +27,7 @@ class Staging:
 
 def as_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, as a flat unsigned-byte memoryview (no copy)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a Buffer
 
 
 def flat_bytes(data: memoryview) -> memoryview:

@@ -9,6 +9,7 @@ Also the byte-size helpers the CLI uses ("5GB", "500MB", "1.5GiB").
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.header import TensorInfo
 from surgery.model.layout import LAYER_RE, layer_index
 
+log = logging.getLogger(__name__)
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -147,5 +149,7 @@ def summarize(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
     """Summary of an adapter directory or a checkpoint, whichever `path` is."""
     path = Path(path)
     if (path.is_dir() and (path / CONFIG_NAME).is_file()) or path.name == CONFIG_NAME:
+        log.debug("%s: a LoRA adapter (%s found); reading its headers", path, CONFIG_NAME)
         return summarize_adapter(LoraAdapter.open(path, allow_pickle=allow_pickle))
+    log.debug("%s: no %s, reading it as a checkpoint", path, CONFIG_NAME)
     return summarize_checkpoint(Checkpoint.open(path, allow_pickle=allow_pickle))

@@ -18,11 +18,13 @@ checked (statvfs) before the first byte is written.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from surgery.io.atomic import InputPaths, atomic_path
 from surgery.io.header import DTYPE_SIZES, dtype_name
 from surgery.io.staging import Staging, as_bytes, flat_bytes
 from surgery.io.summary import format_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -165,7 +169,7 @@ class CheckpointWriter:
         if isinstance(copy_files_from, Path):
             copy_files_from = [copy_files_from]
         self.copy_files = list(copy_files_from or [])
-        self._context = None
+        self._context: AbstractContextManager[Path] | None = None
         self._tmp: Path | None = None
         self._where: dict[str, tuple[Path, int, TensorSpec]] = {}
         self._filled: dict[str, int] = {}  # bytes written so far, per tensor
@@ -190,6 +194,7 @@ class CheckpointWriter:
                     handle.truncate(len(header) + sum(s.nbytes for s in shard))
                 for spec in shard:
                     self._where[spec.name] = (path, len(header) + offsets[spec.name], spec)
+            log.debug("%s: %d tensors planned in %d shards", self.out, len(self.specs), len(self.shards))
         except BaseException as exc:
             self._context.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -309,6 +314,8 @@ class CheckpointWriter:
                 self._context.__exit__(type(inner), inner, inner.__traceback__)
                 raise
         self._context.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            log.info("wrote %s (%d tensors, %d shards)", self.out, len(self.specs), len(self.shards))
 
     def _finish(self, tmp: Path) -> None:
         if len(self.shards) > 1:
@@ -352,4 +359,5 @@ def write_tensors(
                 t = tensors[spec.name]
                 if spec.nbytes:
                     handle.write(as_bytes(t.detach().cpu().contiguous()))
+    log.info("wrote %s (%d tensors)", out, len(specs))
     return out

@@ -82,6 +82,7 @@ def antidote_mask(delta: torch.Tensor, sq_norms: torch.Tensor, ratio: float, sco
 def _prune_edit(ratio: float, scope: str):
     def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
         k, groups = _k(W.shape, ratio, scope)
+        assert st.sq_norms is not None  # calibration collects sq_norms by default
         changed = antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
         return TensorChange(name, list(W.shape), k * groups, changed)
 
@@ -96,6 +97,7 @@ def _restore_edit(ratio: float, scope: str, aligned: Checkpoint):
         if tuple(aligned.info(name).shape) != tuple(W.shape):
             raise MismatchError(f"{name}: aligned shape {list(aligned.info(name).shape)} differs from {list(W.shape)}")
         W_al = aligned.get(name).to(W.device)  # stored dtype: no full-size fp32 copy
+        assert st.sq_norms is not None  # calibration collects sq_norms by default
         s = st.sq_norms.to(W.device)
         k, groups = _k(W.shape, ratio, scope)
         if scope != "row":  # one threshold over the whole tensor
@@ -227,6 +229,7 @@ def _antidote_adapter(
                 W = getattr(wrapper, part).weight.data
                 st = ctx.stats[f"{path}.{part}"]
                 k, groups = _k(W.shape, ratio, scope)
+                assert st.sq_norms is not None  # calibration collects sq_norms by default
                 changed = antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
                 report.tensors.append(TensorChange(key, list(W.shape), k * groups, changed))
                 new[key] = W.detach().to("cpu", adapter.info(key).torch_dtype).clone()
@@ -241,7 +244,7 @@ def _antidote_adapter(
     if missing:
         raise SurgeryError(f"LoRA module {missing[0]} is not inside a decoder layer; only decoder-layer LoRA is supported")
     t0 = time.perf_counter()
-    if not dry_run:
+    if not dry_run and out is not None:  # out is None only for a dry run (checked by the caller)
         meta = provenance("antidote-adapter", params, {"model": ckpt, "adapter": adapter, **inputs})
         report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
         rewrite_adapter(adapter, out, new, meta, force,

@@ -483,7 +483,7 @@ def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str 
     layout = residual_layout(model)
     if direction_file is not None:
         sel = load_direction(direction_file)
-        d_model = module(model, layout.embeddings[0]).weight.shape[-1]
+        d_model = module(model, layout.embeddings[0]).weight.shape[-1]  # type: ignore[index]  # an Embedding
         if sel.direction.numel() != d_model:
             raise MismatchError(f"{direction_file} holds a direction of size {sel.direction.numel()}, the model's "
                                 f"hidden size is {d_model}: it was computed on another model")

@@ -73,7 +73,7 @@ def target_linears(model: torch.nn.Module, targets: Sequence[str] | None) -> dic
         if targets:
             if short in targets:
                 found[name] = module
-        elif short not in ("lm_head", "embed_out") and module is not model.get_output_embeddings():
+        elif short not in ("lm_head", "embed_out") and module is not model.get_output_embeddings():  # type: ignore[operator]
             found[name] = module
     if not found:
         raise SurgeryError(

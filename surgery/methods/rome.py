@@ -137,7 +137,7 @@ def compute_key(model: torch.nn.Module, layout: Layout, layer: int, contexts: Se
 def down_proj_matrix(model: torch.nn.Module, layout: Layout, layer: int) -> torch.Tensor:
     """The layer's down projection as a fp32 [d_out, d_in] matrix (Conv1D weights transposed)."""
     name = layout.mlp_out[layer]
-    w = module(model, name).weight.detach().float()
+    w = module(model, name).weight.detach().float()  # type: ignore[operator]  # a Linear/Conv1D weight
     return w.t() if name in layout.transposed else w
 
 
@@ -492,7 +492,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     # apply in memory to measure, then stream the checkpoint with the same update
     proj = module(model, layout.mlp_out[layer])
     with torch.no_grad():
-        dev = proj.weight.device
+        dev: torch.device = proj.weight.device  # type: ignore[assignment]  # a Linear/Conv1D weight
         if layout.mlp_out[layer] in layout.transposed:
             rank_one_update_(proj.weight.data, v.to(dev), u.to(dev))
         else:

@@ -348,7 +348,7 @@ class SaloraHook:
                 self.unprotected.append(path)
                 continue
             variants = getattr(layer, "lora_variant", {}) or {}
-            for adapter_name, lora_b in layer.lora_B.items():
+            for adapter_name, lora_b in layer.lora_B.items():  # type: ignore[union-attr,operator]  # a peft LoRA layer
                 if adapter_name in variants:
                     raise SurgeryError(f"{path}: SaLoRA supports plain LoRA only (not DoRA or other variants)")
                 if lora_b.weight.shape[0] != U.shape[0]:
@@ -374,9 +374,9 @@ class SaloraHook:
         Vt = self.Vt.get(path)
         if Vt is None:
             raise SurgeryError(f"{path}: no task subspace in {self.module_path}; refit with --targets covering it")
-        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        r = lora_a.weight.shape[0]
-        s = float(layer.scaling[name])
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]  # type: ignore[index]  # a peft LoRA layer
+        r = lora_a.weight.shape[0]  # type: ignore[union-attr]
+        s = float(layer.scaling[name])  # type: ignore[index]
         with torch.no_grad():
             W = base.weight.detach().float()
             Uw, Sw, Vhw = torch.linalg.svd(W, full_matrices=False)
@@ -386,8 +386,8 @@ class SaloraHook:
             A0 = root[:, None] * Vhw[:r]
             CB0 = salora_fold(U, B0)
             base.weight.copy_((W - s * CB0 @ A0).to(base.weight.dtype))
-            lora_b.weight.copy_(B0.to(lora_b.weight.dtype))
-            lora_a.weight.copy_(A0.to(lora_a.weight.dtype))
+            lora_b.weight.copy_(B0.to(lora_b.weight.dtype))  # type: ignore[union-attr]
+            lora_a.weight.copy_(A0.to(lora_a.weight.dtype))  # type: ignore[union-attr]
         CB0, A0 = CB0.detach(), A0.detach()
         prefix_mod = layer
 

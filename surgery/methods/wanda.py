@@ -145,7 +145,7 @@ def layer_surgery(
     edit_seconds = {"edit": 0.0, "write": 0.0, "edit_cpu": 0.0, "write_cpu": 0.0}
     written: set[str] = set()
     writer: CheckpointWriter | None = None
-    if not dry_run:
+    if not dry_run and out is not None:  # out is None only for a dry run (checked above)
         specs = [TensorSpec.like(name, ckpt.info(name)) for name in ckpt.names()]
         meta = provenance(method, params, {"model": ckpt, **(inputs or {})})
         writer = CheckpointWriter(out, specs, shard_size=shard_size, metadata=meta, force=force,
@@ -224,6 +224,7 @@ def wanda_edit(sparsity: float, scope: str = "row") -> Edit:
     """Wanda's rule: zero the `int(n · sparsity)` lowest |W|·||X|| per row (or per tensor)."""
 
     def edit(name: str, W: torch.Tensor, st: LinearStats) -> TensorChange:
+        assert st.sq_norms is not None  # calibration collects sq_norms by default
         s = st.sq_norms.to(W.device)
         changed = wanda_prune_count_(W, s, sparsity, largest=False, scope=scope)
         n = W.shape[1] if scope == "row" else W.numel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import pkgutil
 import shutil
 import time
@@ -26,6 +27,8 @@ from typing import Any
 from surgery.io.atomic import check_no_overlap
 from surgery.testbed.build import Testbed, build_testbed, spawn_pool
 from surgery.testbed.demo_api import DemoContext, DemoRow
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ORDER = 500
 
@@ -200,18 +203,19 @@ def run_demo(out_dir: str | Path = "surgery-demo", *, quick: bool = False, seed:
         failures: list[str] = []
         for (name, _), (new, failed) in zip(selected, results, strict=True):  # in module order, as they finish
             rows.extend(new)
+            log.info("demo %s: %d rows%s", name, len(new), " (failed: see its row)" if failed else "")
             if failed:
                 failures.append(name)
             if on_row is not None:
                 on_row(name, new)
     seconds = time.perf_counter() - start
-    results = {
+    summary = {
         "seed": seed, "quick": quick, "testbed": str(tb.root), "seconds": round(seconds, 2),
         "build_seconds": tb.manifest.get("build_seconds"), "failures": failures, "jobs": jobs,
         "rows": [r.to_dict() for r in rows],
     }
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     chart = write_chart(rows, out / "hs_vs_fa.png")
     return DemoReport(rows=rows, out_dir=out, testbed=tb, results_path=results_path, chart_path=chart,
                       seconds=seconds, failures=failures)

@@ -14,6 +14,8 @@ HS and FA are reported as they come out.
 
 from __future__ import annotations
 
+from typing import Any
+
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 200
@@ -42,7 +44,7 @@ def rows(ctx: DemoContext) -> list[DemoRow]:
     merged = _merged(ctx)
     out_rows: list[DemoRow] = []
     for ratio in QUICK_RATIOS if ctx.quick else RATIOS:
-        variants = (
+        variants: tuple[tuple[str, str, dict[str, Any], Any], ...] = (
             ("attacked + Antidote (LoRA)", "adapter", dict(adapter=tb.attacked), tb.aligned),
             ("attacked merged + Antidote", "merged", {}, merged),
             ("attacked merged + Antidote (delta)", "delta", dict(aligned=tb.aligned), merged),

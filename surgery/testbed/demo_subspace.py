@@ -110,7 +110,7 @@ def neurons_rows(ctx: DemoContext) -> list[DemoRow]:
                                    ("aligned + zero (attack)", "zero", tb.aligned, {})):
         out = ctx.path(f"neurons-{mode}")
         with ctx.timer() as t:
-            applied = apply_neurons(model, mask, out, mode=mode, force=True, **kw)
+            applied = apply_neurons(model, mask, out, mode=mode, force=True, **kw)  # type: ignore[arg-type]
         res = ctx.evaluate(out)
         rows.append(DemoRow.from_eval(stage, f"neurons {mode}", res, seconds=t["seconds"] + t_find["seconds"],
                                       note=settings, changed=applied.changed, selected=applied.selected,
