@@ -6,8 +6,8 @@ import json
 
 import click
 from click.testing import CliRunner
-
 from surgery.cli.options import config_options, output_options, split_targets
+
 from tests.methods.test_config import ToyConfig
 
 

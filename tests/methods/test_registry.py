@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from surgery.cli.main import cli
+
 from surgery.methods.registry import KINDS, REGISTRY, ROLES, get
 
 ROOT = Path(__file__).resolve().parents[2]
