@@ -18,7 +18,7 @@ import click
 
 from surgery.methods.config import FieldInfo, MethodConfig, _unwrap_optional
 
-__all__ = ["config_options", "output_options", "json_option", "device_option", "targets_option",
+__all__ = ["config_options", "input_option", "output_options", "dry_run_option", "json_option", "device_option", "targets_option",
            "allow_pickle_option", "split_targets"]
 
 F = Callable[..., Any]
@@ -73,7 +73,9 @@ def config_options(config_cls: type[MethodConfig], *, exclude: tuple[str, ...] =
 
     List fields (`tuple[str, ...]`) accept comma-separated or repeated values. Fields in
     `exclude` (or declared `cli=False`) are left to the command."""
+    own = list(vars(config_cls).get("__annotations__", {}))
     infos = [i for i in config_cls.fields() if i.cli and i.name not in exclude]
+    infos.sort(key=lambda i: (i.name not in own, own.index(i.name) if i.name in own else 0))  # the method's own first
 
     def decorator(fn: F) -> F:
         @functools.wraps(fn)
@@ -96,6 +98,20 @@ def config_options(config_cls: type[MethodConfig], *, exclude: tuple[str, ...] =
         return wrapper
 
     return decorator
+
+
+def input_option(role: str, flag: str | None = None, *, required: bool = True,
+                 help: str | None = None) -> Callable[[F], F]:
+    """`--ROLE PATH` for one input role of the registry (its help from `ROLES`); the value is a str."""
+    from surgery.methods.registry import ROLES
+
+    return click.option(flag or f"--{role}", role, required=required, type=click.Path(path_type=str),
+                        default=None, help=help or ROLES[role][0].upper() + ROLES[role][1:] + ".")
+
+
+def dry_run_option(fn: F) -> F:
+    """`--dry-run`: report per tensor what would change; write nothing."""
+    return click.option("--dry-run", is_flag=True, help="Report per tensor what would change; write nothing.")(fn)
 
 
 def output_options(required: bool = True, what: str = "Output path") -> Callable[[F], F]:

@@ -16,11 +16,11 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from surgery.errors import SurgeryError
 
-__all__ = ["ConfigError", "MethodConfig", "FieldInfo", "option"]
+__all__ = ["ConfigError", "MethodConfig", "CalibrationConfig", "Runtime", "FieldInfo", "option"]
 
 C = TypeVar("C", bound="MethodConfig")
 
@@ -73,7 +73,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Seque
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """Base of every method's config. Subclasses are frozen dataclasses of `option()` fields."""
 
@@ -127,8 +127,28 @@ class MethodConfig:
         return out
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig(MethodConfig):
+    """The calibration options every activation-statistics method shares (Wanda, Antidote, ...)."""
+
+    num_samples: int | None = option(None, "Use the first N calibration samples (default all).", low=1)
+    max_length: int = option(2048, "Tokens per sample; longer prompts are an error, longer responses are cut.",
+                             low=1)
+    tokens: Literal["all", "response"] = option("all", "Which tokens count in the activation statistics.")
+    chat_template: bool = option(True, "Render prompt and response with the chat template (else concatenate).")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run, as opposed to what to compute: none of this changes an output's values."""
+
+    device: str | None = None  # torch device; default CUDA when present, else CPU
+    force: bool = False  # replace an existing output (never an input), once the new one is complete
+    dry_run: bool = False  # report what would change, write nothing
+    shard_size: int = 5_000_000_000  # largest output shard in bytes
+    allow_pickle: bool = False  # read pickle checkpoints with weights_only=True
+    progress: bool = True  # progress bars / lines on stderr
+    batch_size: int = 1  # sequences per forward pass in calibration (sums are masked: same statistics)
 
 
 def _check(method: str, info: FieldInfo, value: Any) -> Any:

@@ -29,13 +29,14 @@ from surgery.pipeline.rewrite import input_records
 from surgery.progress import track
 from surgery.report import REPORT_FILE, Report, TensorChange
 
-__all__ = ["LayerEdit", "layer_surgery"]
+__all__ = ["LayerEdit", "layer_surgery", "sync_device"]
 
 # checkpoint name, weight in fp32 on the device (edit in place), its input statistics -> what changed
 LayerEdit = Callable[[str, torch.Tensor, LinearStats], TensorChange]
 
 
-def _sync() -> None:
+def sync_device() -> None:
+    """Wait for queued CUDA work, so wall times measure it."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -89,10 +90,10 @@ def layer_surgery(
                 continue
             name = path + ".weight"
             W = ctx.linear(path).weight.data
-            _sync()
+            sync_device()
             t0, c0 = time.perf_counter(), time.process_time()
             change = edit(name, W, st)
-            _sync()
+            sync_device()
             t1, c1 = time.perf_counter(), time.process_time()
             report.tensors.append(change)
             if writer is not None:

@@ -10,7 +10,7 @@ import pytest
 from surgery.methods.config import ConfigError, MethodConfig, option
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToyConfig(MethodConfig):
     method = "toy"
     ratio: float = option(0.1, "share to prune", low=0.0, high=1.0, high_open=True)
