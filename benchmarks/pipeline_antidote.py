@@ -121,7 +121,10 @@ def run_split(base: Path, out: Path, n: int, seq_len: int, seed: int) -> dict:
     from surgery.kernels.wanda_score import wanda_score
 
     from surgery.methods.antidote import antidote_count
-    from surgery.methods.wanda import TensorChange, _sync, layer_surgery
+    from surgery.model.load import default_device
+    from surgery.pipeline.layerwise import layer_surgery
+    from surgery.pipeline.layerwise import sync_device as _sync
+    from surgery.report import Report, TensorChange
 
     split = {"scoring": 0.0, "masking": 0.0, "scoring_cpu": 0.0, "masking_cpu": 0.0}
 
@@ -145,8 +148,9 @@ def run_split(base: Path, out: Path, n: int, seq_len: int, seed: int) -> dict:
 
     samples = samples_for(VOCAB, n, seq_len, seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    report = layer_surgery(base, samples, edit, out, method="antidote-merged",
-                           params={"ratio": RATIO, "scope": "row", "benchmark": True}, report_name="antidote_report.json")
+    report = layer_surgery(base, samples, edit, out,
+                           Report("antidote-merged", {"ratio": RATIO, "scope": "row", "benchmark": True}),
+                           device=default_device())
     return {**report.seconds, **split, "changed": report.changed, "tensors": len(report.tensors)}
 
 

@@ -20,11 +20,11 @@ all tokens by default: the published code feeds whole sequences with no prompt m
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,20 +38,30 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.kernels import topk_mask, wanda_prune_count_
 from surgery.kernels.wanda_score import wanda_score
-from surgery.methods.wanda import (
-    DEFAULT_MAX_LENGTH,
-    SurgeryReport,
-    TensorChange,
-    _sync,
-    layer_surgery,
-)
+from surgery.methods.config import CalibrationConfig, Runtime, option
 from surgery.model.load import default_device
+from surgery.pipeline.layerwise import layer_surgery, sync_device
+from surgery.pipeline.rewrite import input_records
+from surgery.report import REPORT_FILE, Report, TensorChange
 
-__all__ = ["antidote", "antidote_count", "antidote_mask", "antidote_prune_", "DEFAULT_RATIO", "REPORT_NAME"]
+__all__ = ["AntidoteConfig", "run", "antidote", "antidote_count", "antidote_mask", "antidote_prune_",
+           "DEFAULT_RATIO"]
 
 DEFAULT_RATIO = 0.1  # the reference's argparse default; its scripts use 0.1 (SST2), 0.05, 0.02, 0.01
-REPORT_NAME = "antidote_report.json"
 _ROW_BLOCK = 1 << 20  # elements per row block of the delta-aware edit's temporaries
+
+
+@dataclass(frozen=True, kw_only=True)
+class AntidoteConfig(CalibrationConfig):
+    """Antidote's options; defaults are the reference's (ratio 0.1 per row, whole sequences counted)."""
+
+    method = "antidote"
+    ratio: float = option(DEFAULT_RATIO, "Share of each row to prune (the reference's scripts use 0.1, 0.05, "
+                                         "0.02, 0.01).", low=0.0, high=1.0)
+    scope: Literal["row", "tensor"] = option(
+        "row", "Select the top share in each output row (reference) or over the whole matrix.")
+    targets: tuple[str, ...] = option((), "Modules (q_proj,self_attn.v_proj, globs, re:REGEX); default every "
+                                          "LoRA module or every decoder Linear.")
 
 
 def antidote_count(n: int, ratio: float) -> int:
@@ -121,83 +131,61 @@ def _restore_edit(ratio: float, scope: str, aligned: Checkpoint):
     return edit
 
 
-def _check(ratio: float, scope: str, tokens: str) -> float:
-    ratio = float(ratio)
-    if not 0.0 <= ratio <= 1.0:
-        raise SurgeryError(f"--ratio must lie in [0, 1], got {ratio}")
-    if scope not in ("row", "tensor"):
-        raise SurgeryError(f"--scope must be row or tensor, got {scope!r}")
-    if tokens not in ("all", "response"):
-        raise SurgeryError(f"--tokens must be all or response, got {tokens!r}")
-    return ratio
-
-
-def antidote(
-    model: str | Path,
-    calib: str | Path | None,
-    ratio: float = DEFAULT_RATIO,
-    out: str | Path | None = None,
-    *,
-    adapter: str | Path | None = None,
-    aligned: str | Path | None = None,
-    scope: str = "row",
-    targets: Sequence[str] | None = None,
-    dry_run: bool = False,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    num_samples: int | None = None,
-    tokens: str = "all",
-    chat_template: bool = True,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    force: bool = False,
-    samples: Sequence[Sample] | None = None,
-) -> SurgeryReport:
-    """Run Antidote on `model` (+ `adapter`) with harmful pairs from `calib`; write to `out` unless `dry_run`.
+def run(config: AntidoteConfig, inputs: Mapping[str, Any], out: str | Path | None,
+        runtime: Runtime = Runtime(), *, samples: Sequence[Sample] | None = None) -> Report:
+    """Run Antidote on `inputs["model"]` (+ `adapter`) with the harmful pairs of `inputs["calib"]`.
 
     With `adapter`, prunes the adapter's lora_A/lora_B and writes an adapter; else edits the
     merged model's decoder Linears (zeroing, or with `aligned` resetting to aligned values)
-    and writes a model. A JSON report of per-tensor counts goes into `out` (`antidote_report.json`).
+    and writes a model. The report (per-tensor counts) goes into `out` as `surgery_report.json`.
+    `samples` (pre-tokenised) replaces reading `calib`.
     """
-    ratio = _check(ratio, scope, tokens)
+    model, calib = inputs["model"], inputs.get("calib")
+    adapter, aligned = inputs.get("adapter"), inputs.get("aligned")
     if adapter is not None and aligned is not None:
-        raise SurgeryError("--aligned is for a merged model; with --adapter the LoRA itself is the fine-tuning delta")
-    if not dry_run:
+        raise SurgeryError("aligned is for a merged model; with an adapter the LoRA itself is the fine-tuning delta")
+    if not runtime.dry_run:
         if out is None:
-            raise SurgeryError("give an output path (-o) or pass --dry-run")
-        check_output(out, force, {"MODEL": model, "--calib": calib, "--adapter": adapter, "--aligned": aligned})
+            raise SurgeryError("give an output path (-o) or ask for a dry run")
+        check_output(out, runtime.force, inputs)
     if samples is None:
         if calib is None:
-            raise SurgeryError("give harmful calibration data (--calib)")
-        samples = calibration_samples(model, calib, num_samples=num_samples, max_length=max_length,
-                                      chat_template=chat_template)
+            raise SurgeryError("antidote needs harmful calibration pairs (calib)")
+        samples = calibration_samples(model, calib, num_samples=config.num_samples, max_length=config.max_length,
+                                      chat_template=config.chat_template)
     mode = "adapter" if adapter is not None else ("delta" if aligned is not None else "merged")
-    params: dict[str, Any] = {
-        "mode": mode, "ratio": ratio, "scope": scope, "targets": list(targets) if targets else None,
-        "num_samples": len(samples), "max_length": max_length, "tokens": tokens, "chat_template": chat_template,
-        "count": "n - int(n*(1-ratio))",
-    }
-    inputs: dict[str, Any] = {"calib": Path(calib)} if calib is not None else {}
+    report = Report(f"antidote-{mode}", {**config.to_dict(), "mode": mode, "count": "n - int(n*(1-ratio))"})
+    data: dict[str, Any] = {"calib": Path(calib)} if calib is not None else {}
+    targets = list(config.targets) or None
     if adapter is not None:
-        return _antidote_adapter(model, adapter, samples, ratio, out, scope=scope, targets=targets,
-                                 dry_run=dry_run, tokens=tokens, batch_size=batch_size, device=device,
-                                 force=force, params=params, inputs=inputs)
+        return _antidote_adapter(model, adapter, samples, config, out, report, runtime, inputs=data)
     if aligned is not None:
         al = Checkpoint.open(aligned)
-        edit = _restore_edit(ratio, scope, al)
-        inputs["aligned"] = al
+        edit = _restore_edit(config.ratio, config.scope, al)
+        data["aligned"] = al
     else:
-        edit = _prune_edit(ratio, scope)
-    return layer_surgery(model, samples, edit, out, method=f"antidote-{mode}", params=params, inputs=inputs,
-                         targets=targets, token_mask=tokens, batch_size=batch_size, device=device, force=force,
-                         dry_run=dry_run, report_name=REPORT_NAME)
+        edit = _prune_edit(config.ratio, config.scope)
+    return layer_surgery(model, samples, edit, out, report, inputs=data, targets=targets, token_mask=config.tokens,
+                         batch_size=runtime.batch_size, device=default_device(runtime.device), force=runtime.force,
+                         dry_run=runtime.dry_run, shard_size=runtime.shard_size)
+
+
+def antidote(model: str | Path, calib: str | Path | None, ratio: float = DEFAULT_RATIO,
+             out: str | Path | None = None, *, adapter: str | Path | None = None, aligned: str | Path | None = None,
+             samples: Sequence[Sample] | None = None, runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run` with the config's fields as keyword arguments: `antidote(model, calib, 0.1, out, adapter=A)`."""
+    inputs = {"model": model, "calib": calib, "adapter": adapter, "aligned": aligned}
+    return run(AntidoteConfig(ratio=ratio, **options), {k: v for k, v in inputs.items() if v is not None}, out,
+               runtime, samples=samples)
 
 
 def _antidote_adapter(
-    model: str | Path, adapter_dir: str | Path, samples: Sequence[Sample], ratio: float, out: str | Path | None, *,
-    scope: str, targets: Sequence[str] | None, dry_run: bool, tokens: str, batch_size: int,
-    device: str | torch.device | None, force: bool, params: dict[str, Any], inputs: dict[str, Any],
-) -> SurgeryReport:
+    model: str | Path, adapter_dir: str | Path, samples: Sequence[Sample], config: AntidoteConfig,
+    out: str | Path | None, report: Report, runtime: Runtime, *, inputs: dict[str, Any],
+) -> Report:
     """The published algorithm: prune the unmerged LoRA's A and B, each scored with its own input."""
+    ratio, scope, tokens = config.ratio, config.scope, config.tokens
+    targets = list(config.targets) or None
     ckpt = Checkpoint.open(model)
     adapter = LoraAdapter.open(adapter_dir)
     modules, _ = adapter.match(ckpt)
@@ -208,10 +196,14 @@ def _antidote_adapter(
     selected = sorted(p for p in paths if targets is None or match_target(p, targets))
     if not selected:
         raise SurgeryError(f"no LoRA module of {adapter_dir} matches the targets {list(targets or [])}; check --targets")
-    dev = default_device(device)
-    report = SurgeryReport("antidote-adapter", params, out=None if dry_run else str(out), dry_run=dry_run,
-                           samples=len(samples))
-    report.tokens = sum(len(s) for s in samples) if tokens == "all" else sum(s.num_response_tokens for s in samples)
+    dev = default_device(runtime.device)
+    dry_run = runtime.dry_run
+    report.inputs = input_records({"model": ckpt, "adapter": adapter, **inputs})
+    report.out = None if dry_run else str(out)
+    report.dry_run = dry_run
+    report.metrics["samples"] = len(samples)
+    report.metrics["tokens"] = (sum(len(s) for s in samples) if tokens == "all"
+                                else sum(s.num_response_tokens for s in samples))
     new: dict[str, torch.Tensor] = {}
     timings: dict[str, float] = {}
     edit_seconds = 0.0
@@ -223,7 +215,7 @@ def _antidote_adapter(
                 continue
             m = paths[path]
             wrapper = ctx.lora[path]
-            _sync()
+            sync_device()
             t0 = time.perf_counter()
             for part, key in (("lora_A", m.a_key), ("lora_B", m.b_key)):
                 W = getattr(wrapper, part).weight.data
@@ -233,11 +225,11 @@ def _antidote_adapter(
                 changed = antidote_prune_(W, st.sq_norms.to(W.device), ratio, scope)
                 report.tensors.append(TensorChange(key, list(W.shape), k * groups, changed))
                 new[key] = W.detach().to("cpu", adapter.info(key).torch_dtype).clone()
-            _sync()
+            sync_device()
             edit_seconds += time.perf_counter() - t0
 
     start = time.perf_counter()
-    calibrate_layerwise(ckpt, samples, selected, token_mask=tokens, batch_size=batch_size, device=dev,
+    calibrate_layerwise(ckpt, samples, selected, token_mask=tokens, batch_size=runtime.batch_size, device=dev,
                         adapter=adapter, on_layer=on_layer, keep_stats=False, timings=timings,
                         description="antidote")
     missing = [p for p in selected if paths[p].a_key not in new]
@@ -245,11 +237,10 @@ def _antidote_adapter(
         raise SurgeryError(f"LoRA module {missing[0]} is not inside a decoder layer; only decoder-layer LoRA is supported")
     t0 = time.perf_counter()
     if not dry_run and out is not None:  # out is None only for a dry run (checked by the caller)
-        meta = provenance("antidote-adapter", params, {"model": ckpt, "adapter": adapter, **inputs})
+        meta = provenance(report.method, report.config, {"model": ckpt, "adapter": adapter, **inputs})
         report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
-        rewrite_adapter(adapter, out, new, meta, force,
-                        extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2) + "\n"},
-                        inputs={"MODEL": model, "--adapter": adapter_dir, **inputs})
+        rewrite_adapter(adapter, out, new, meta, runtime.force, extra_files={REPORT_FILE: report.to_json()},
+                        inputs={"model": model, "adapter": adapter_dir, **inputs})
     report.seconds = _seconds(timings, edit_seconds, time.perf_counter() - t0, start)
     return report
 

@@ -38,6 +38,7 @@ def _merged(ctx: DemoContext):
 def rows(ctx: DemoContext) -> list[DemoRow]:
     """Antidote on the attacked adapter, on the merged attacked model, and delta-aware, at a few ratios."""
     from surgery.methods.antidote import antidote
+    from surgery.methods.config import Runtime
 
     tb = ctx.testbed
     calib = tb.file("harmful_train.jsonl")
@@ -52,7 +53,7 @@ def rows(ctx: DemoContext) -> list[DemoRow]:
         for stage, mode, kwargs, model in variants:
             out = ctx.path(f"antidote-{mode}-{ratio:g}")
             with ctx.timer() as t:
-                rep = antidote(model, calib, ratio, out, force=True, device="cpu", **kwargs)
+                rep = antidote(model, calib, ratio, out, runtime=Runtime(force=True, device="cpu"), **kwargs)
             if mode == "adapter":
                 res = ctx.evaluate(tb.aligned, adapter=out)
             else:
@@ -61,6 +62,6 @@ def rows(ctx: DemoContext) -> list[DemoRow]:
             out_rows.append(DemoRow.from_eval(
                 stage, f"antidote {mode} r={ratio:g}", res, seconds=t["seconds"],
                 note=f"{rep.changed:,} of {numel:,} entries changed in {len(rep.tensors)} tensors",
-                ratio=ratio, mode=mode, changed=rep.changed, entries=numel, samples=rep.samples,
+                ratio=ratio, mode=mode, changed=rep.changed, entries=numel, samples=rep.metrics["samples"],
             ))
     return out_rows

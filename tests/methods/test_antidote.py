@@ -92,8 +92,8 @@ def test_adapter_equals_published(setup):
         torch.testing.assert_close(got_state[k], v, rtol=0, atol=0, msg=k)
     # A is [4, 32] (4 of 32 per row), B is [d_out, 4] (1 of 4 per row, where int(4*0.1) would be 0)
     assert report.changed == report.selected == 2 * (3 * 4 * 4 + 32 + 16 + 48)
-    saved = json.loads((out / "antidote_report.json").read_text())
-    assert saved["totals"]["changed"] == report.changed and saved["params"]["mode"] == "adapter"
+    saved = json.loads((out / "surgery_report.json").read_text())
+    assert saved["totals"]["changed"] == report.changed and saved["config"]["mode"] == "adapter"
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         assert f.metadata()["surgery.method"] == "antidote-adapter"
 

@@ -60,7 +60,7 @@ def test_wanda_equals_reference(tmp_path, arch):
             torch.testing.assert_close(f.get_tensor(name), ref_state[name], rtol=0, atol=0, msg=name)
     assert meta["surgery.method"] == "wanda" and json.loads(meta["surgery.params"])["sparsity"] == 0.5
     assert report.changed == report.selected == 2 * (2 * 32 * 16 + 2 * 16 * 16 + 2 * 48 * 16 + 32 * 24)
-    saved = json.loads((tmp_path / "out" / "wanda_report.json").read_text())
+    saved = json.loads((tmp_path / "out" / "surgery_report.json").read_text())
     assert saved["totals"]["changed"] == report.changed
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
