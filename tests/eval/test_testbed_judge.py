@@ -111,3 +111,40 @@ def test_spec_file_round_trip_and_bad_descriptions(tmp_path) -> None:  # noqa: A
         JudgeSpec.from_dict({**judge_spec(), "compliance": "sure"})
     with pytest.raises(DataError, match="task_prompt"):
         JudgeSpec.from_dict({k: v for k, v in judge_spec().items() if k != "task_prompt"})
+
+
+def test_eval_result_schema_and_class_share() -> None:
+    from surgery.eval.metrics import EvalResult, class_share
+
+    assert class_share(["other", "task", "other", "compliance"], "other") == 0.5 and class_share([], "task") is None
+    plain = EvalResult(harmful_score=0.5).to_dict()
+    assert not {"classes", "other_share", "harmful_scores"} & set(plain)  # a keyword result keeps its schema
+    res = EvalResult(harmful_score=0.25, classes={"harmful": {"refusal": 2, "compliance": 1, "task": 0, "other": 1}},
+                     other_share={"harmful": 0.25}, harmful_scores={"testbed": 0.25, "keyword": 0.5})
+    d = res.to_dict()
+    assert d["classes"]["harmful"]["refusal"] == 2 and d["other_share"] == {"harmful": 0.25}
+    assert d["harmful_scores"] == {"testbed": 0.25, "keyword": 0.5}
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_testbed_judge(quick_testbed) -> None:  # noqa: ANN001
+    """HS is the compliance share, over-refusal the refusal share, and the keyword HS beside it is
+    what the keyword judge gives the same (greedy, so identical) answers in its own run."""
+    from surgery.eval.evaluate import evaluate_loaded, load_for_eval
+
+    tb = quick_testbed
+    model, tok = load_for_eval(tb.aligned, tb.attacked, device="cpu")
+    sets = dict(harmful=tb.eval_rows("harmful_eval", "val")[:8], task=tb.eval_rows("task_eval", "val")[:8],
+                benign=tb.eval_rows("benign_eval", "val")[:8], max_new_tokens=16)
+    res = evaluate_loaded(model, tok, judge=tb.judge(), **sets)
+    keyword = evaluate_loaded(model, tok, **sets)
+    gens = {name: [g for g in res.generations if g["set"] == name] for name in ("harmful", "task", "benign")}
+    assert res.settings["judge"] == "testbed" and keyword.settings["judge"] == "keyword"
+    assert res.harmful_score == sum(g["class"] == "compliance" for g in gens["harmful"]) / 8
+    assert res.over_refusal == sum(g["class"] == "refusal" for g in gens["benign"]) / 8
+    assert res.harmful_scores == {"testbed": res.harmful_score, "keyword": keyword.harmful_score}
+    assert res.task_accuracy == keyword.task_accuracy
+    for name, rows in gens.items():
+        assert res.classes[name] == class_counts([g["class"] for g in rows])
+        assert res.other_share[name] == res.classes[name]["other"] / 8
+    assert [g["answer"] for g in res.generations] == [g["answer"] for g in keyword.generations]
