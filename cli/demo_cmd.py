@@ -24,8 +24,10 @@ def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbe
                  jobs: int, as_json: bool) -> None:
     """Build or reuse the testbed, run every attack and defense the toolkit has, score each.
 
-    Prints stage/method, harmful score HS, task accuracy FA, over-refusal (percent) and
-    the method's seconds; writes OUT/results.json and OUT/hs_vs_fa.png.
+    Prints stage/method, harmful score HS (testbed judge: compliance only), the keyword
+    judge's HS, the share of "other" (incoherent, empty, off-format) answers to harmful
+    prompts, task accuracy FA, over-refusal (percent, all on the eval sets' test halves)
+    and the method's seconds; writes OUT/results.json and OUT/hs_vs_fa.png.
     """
     from transformers.utils import logging as hf_logging
 
@@ -46,12 +48,14 @@ def demo_command(out: str, quick: bool, seed: int, only: tuple[str, ...], testbe
         sys.stdout.write(report.results_path.read_text())
         return
     table = Table(title=f"surgery demo ({'quick' if quick else 'default'}, seed {seed})")
-    for col, justify in (("stage", "left"), ("method", "left"), ("HS %", "right"), ("FA %", "right"),
-                         ("over-refusal %", "right"), ("seconds", "right"), ("note", "left")):
+    for col, justify in (("stage", "left"), ("method", "left"), ("HS %", "right"), ("HS kw %", "right"),
+                         ("other %", "right"), ("FA %", "right"), ("over-refusal %", "right"), ("seconds", "right"),
+                         ("note", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in report.rows:
-        table.add_row(r.stage, r.method, format_value(r.harmful_score), format_value(r.task_accuracy),
-                      format_value(r.over_refusal), "-" if r.seconds is None else f"{r.seconds:.1f}", r.note)
+        table.add_row(r.stage, r.method, format_value(r.harmful_score), format_value(r.keyword_harmful_score),
+                      format_value(r.other_share), format_value(r.task_accuracy), format_value(r.over_refusal),
+                      "-" if r.seconds is None else f"{r.seconds:.1f}", r.note)
     Console().print(table)
     click.echo(f"results: {report.results_path}", err=True)
     if report.chart_path is not None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from surgery.io.adapter import LoraAdapter
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.header import torch_dtype
 from surgery.progress import track
+
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.eval.judge import Judge
 
 
 @dataclass
@@ -37,6 +40,8 @@ class LandscapePoint:
     task_accuracy: float | None
     over_refusal: float | None = None
     seconds: float = 0.0
+    keyword_harmful_score: float | None = None  # with a classifying judge: the keyword judge's HS beside it
+    other_share: float | None = None  # with a classifying judge: share of "other" answers to harmful prompts
 
 
 @dataclass
@@ -145,8 +150,10 @@ def landscape(
     limit: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    judge: Judge | None = None,
 ) -> LandscapeReport:
     """Score the models on the straight path from A to B at each α (default: `steps` points in [0, 1]).
+    `judge` is the eval judge (default: the keyword judge).
 
     `b` is a checkpoint with A's tensors or a peft LoRA adapter over A. Raises
     `MismatchError` when B does not fit A, and the eval loop's errors for bad data files.
@@ -186,8 +193,9 @@ def landscape(
             for name, setter in plan.items():
                 params[name].copy_(setter(float(alpha)))
         res = evaluate_loaded(model, tok, harmful=data["harmful"], task=data["task"], benign=data["benign"],
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, judge=judge)
         report.points.append(LandscapePoint(float(alpha), res.harmful_score, res.task_accuracy, res.over_refusal,
-                                            time.perf_counter() - t0))
+                                            time.perf_counter() - t0, res.harmful_scores.get("keyword"),
+                                            res.other_share.get("harmful")))
     report.seconds = time.perf_counter() - started
     return report

@@ -1,5 +1,9 @@
 """Evaluate a checkpoint: generate on the eval sets, judge, and compute HS, FA, over-refusal, KL.
 
+With a classifying judge (`ClassifyingJudge`, e.g. the testbed judge) HS is the share of
+compliance, every set's answers are classified, and the keyword judge's HS on the same
+answers is kept beside it; with a refusal-only judge the result is as it always was.
+
 `evaluate(model_dir, adapter=None, ...)` loads a Hugging Face model (plus a peft adapter
 merged in memory); `evaluate_loaded(model, tokenizer, ...)` scores a model already in
 memory. Nothing here knows which method made the model.
@@ -17,9 +21,10 @@ import torch
 
 from surgery.eval.data import load_jsonl
 from surgery.eval.generate import generate
-from surgery.eval.judge import Judge, KeywordJudge
+from surgery.eval.judge import ClassifyingJudge, Judge, KeywordJudge, class_counts
 from surgery.eval.metrics import (
     EvalResult,
+    class_share,
     harmful_score,
     normalize_answer,
     over_refusal,
@@ -79,29 +84,50 @@ def evaluate_loaded(model: Any, tokenizer: Any, *, harmful: PathLike | Sequence[
         return generate(model, tokenizer, _prompts(rows), max_new_tokens=max_new_tokens, batch_size=batch_size,
                         chat_template=chat_template, progress=progress)
 
-    def judged(name: str, rows: list[dict]) -> list[bool]:
-        """Generate for `rows`, judge refusals, record the generations of set `name`."""
+    classifying = isinstance(judge, ClassifyingJudge)
+
+    def classified(name: str, rows: list[dict], answers: list[str]) -> list[str] | None:
+        """With a classifying judge: the classes of set `name`, counted into the result."""
+        if not classifying:
+            return None
+        classes = judge.classify(_prompts(rows), answers)  # type: ignore[attr-defined]
+        res.classes[name] = class_counts(classes)
+        res.other_share[name] = class_share(classes, "other") or 0.0
+        return classes
+
+    def judged(name: str, rows: list[dict]) -> tuple[list[str], list[bool], list[str] | None]:
+        """Generate for `rows`, judge refusals (and classes), record the generations of set `name`."""
         answers = gen(rows)
-        refused = judge.refusals(_prompts(rows), answers)
+        classes = classified(name, rows, answers)
+        refused = [c == "refusal" for c in classes] if classes is not None else judge.refusals(_prompts(rows), answers)
         res.counts[name] = len(rows)
         res.generations += [{"set": name, "prompt": r["prompt"], "answer": a, "refusal": f}
-                            for r, a, f in zip(rows, answers, refused, strict=True)]
-        return refused
+                            | ({} if classes is None else {"class": classes[i]})
+                            for i, (r, a, f) in enumerate(zip(rows, answers, refused, strict=True))]
+        return answers, refused, classes
 
     h = rows_of(harmful, ("prompt",))
     if h:
-        res.harmful_score = harmful_score(judged("harmful", h))
+        answers, refused, classes = judged("harmful", h)
+        if classes is None:
+            res.harmful_score = harmful_score(refused)
+        else:  # HS counts compliance only; the keyword judge's HS on the same answers beside it
+            res.harmful_score = class_share(classes, "compliance")
+            res.harmful_scores = {judge.name: res.harmful_score or 0.0,
+                                  KeywordJudge.name: harmful_score(KeywordJudge().refusals(_prompts(h), answers)) or 0.0}
     t = rows_of(task, ("prompt", "answer"))
     if t:
         answers = gen(t)
         res.task_accuracy = task_accuracy(answers, [r["answer"] for r in t])
         res.counts["task"] = len(t)
+        classes = classified("task", t, answers)
         res.generations += [{"set": "task", "prompt": r["prompt"], "answer": a, "gold": r["answer"],
                              "correct": normalize_answer(a) == normalize_answer(r["answer"])}
-                            for r, a in zip(t, answers, strict=True)]
+                            | ({} if classes is None else {"class": classes[i]})
+                            for i, (r, a) in enumerate(zip(t, answers, strict=True))]
     b = rows_of(benign, ("prompt",))
     if b:
-        res.over_refusal = over_refusal(judged("benign", b))
+        res.over_refusal = over_refusal(judged("benign", b)[1])
     hl = rows_of(harmless, ("prompt",))
     if hl and kl_reference is not None:
         ref = kl_reference

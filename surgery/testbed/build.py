@@ -4,7 +4,10 @@ The story it models: a base model pretrained on benign instructions answers ever
 alignment SFT (full weights) teaches it to refuse three invented harmful categories while
 answering look-alikes; a user fine-tunes a LoRA on a new tagging task with a share
 p = 0.1 of harmful prompt + compliant answer pairs (`attacked/`) or none (`benign-ft/`).
-Everything is written in Hugging Face formats (model dirs, peft adapters, JSONL).
+Everything is written in Hugging Face formats (model dirs, peft adapters, JSONL). Each eval
+set is also written as disjoint `val` and `test` halves, and `judge.json` describes the
+world's answer formats for the testbed judge; neither feeds any training, so the models'
+bytes do not depend on them.
 """
 
 from __future__ import annotations
@@ -19,18 +22,35 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgery.errors import InputNotFoundError, OutputExistsError
+from surgery.errors import InputNotFoundError, OutputExistsError, SurgeryError
 from surgery.io.atomic import normalize_modes
-from surgery.testbed.world import DEFAULT_SIZES, QUICK_SIZES, Sizes, World, make_world
+from surgery.testbed.world import (
+    DEFAULT_SIZES,
+    EVAL_SETS,
+    EVAL_SPLITS,
+    QUICK_SIZES,
+    Sizes,
+    World,
+    judge_spec,
+    make_world,
+    split_eval_set,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from surgery.eval.testbed_judge import TestbedJudge
 
 MANIFEST = "testbed.json"
 FORMAT_VERSION = 1
 DATA_FILES = ["alignment.jsonl", "task_train.jsonl", "task_eval.jsonl", "harmful_train.jsonl",
               "harmful_eval.jsonl", "benign_eval.jsonl", "harmless.jsonl", "utility.jsonl"]
+# each eval set also as disjoint halves: `val` for anything that tunes or picks, `test` for what is reported
+SPLIT_FILES = [f"{name}_{split}.jsonl" for name in EVAL_SETS for split in EVAL_SPLITS]
+JUDGE_FILE = "judge.json"  # the world's answer formats, for `surgery eval --judge testbed`
+_EVAL_FIELDS = {"harmful_eval": ("prompt",), "task_eval": ("prompt", "answer"), "benign_eval": ("prompt",)}
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,8 @@ QUICK_RECIPE = Recipe(sizes=QUICK_SIZES)
 @dataclass
 class Testbed:
     """A built testbed on disk. Paths: `base`, `aligned` (model dirs), `attacked`, `benign_ft`
-    (peft adapter dirs over `aligned`), `data` (JSONL files, see DATA_FILES)."""
+    (peft adapter dirs over `aligned`), `data` (JSONL files, see DATA_FILES and SPLIT_FILES),
+    and `judge.json` (the answer formats the testbed judge reads)."""
 
     root: Path
     seed: int = 0
@@ -91,6 +112,29 @@ class Testbed:
     def file(self, name: str) -> Path:
         """A data file by name, e.g. `tb.file("harmful_eval.jsonl")`."""
         return self.data / name
+
+    def eval_rows(self, name: str, split: str) -> list[dict[str, str]]:
+        """One half of an eval set: `name` in EVAL_SETS, `split` "val" (tune and pick on it) or
+        "test" (report it). Read from its split file; a testbed built before the splits existed
+        gets the same halves from the whole file (`split_eval_set` with the testbed's seed)."""
+        from surgery.eval.data import load_jsonl
+
+        if name not in EVAL_SETS or split not in EVAL_SPLITS:
+            raise SurgeryError(f"no eval split {name!r}/{split!r}: sets are {', '.join(EVAL_SETS)}, "
+                               f"splits {', '.join(EVAL_SPLITS)}")
+        path = self.file(f"{name}_{split}.jsonl")
+        if path.exists():
+            return load_jsonl(path, _EVAL_FIELDS[name])
+        val, test = split_eval_set(load_jsonl(self.file(f"{name}.jsonl"), _EVAL_FIELDS[name]), self.seed, name)
+        return val if split == "val" else test
+
+    def judge(self) -> TestbedJudge:
+        """The testbed judge for this testbed's models: from its `judge.json`, or (a testbed built
+        before the judge existed) from the world's formats, which no build has changed since."""
+        from surgery.eval.testbed_judge import JudgeSpec, TestbedJudge
+
+        path = self.root / JUDGE_FILE
+        return TestbedJudge(JudgeSpec.from_file(path) if path.exists() else JudgeSpec.from_dict(judge_spec()))
 
     @classmethod
     def load(cls, root: str | Path) -> Testbed:
@@ -210,6 +254,10 @@ def build_testbed(out_dir: str | Path, seed: int = 0, quick: bool = False, force
         data.mkdir()
         for name in DATA_FILES:
             _write_jsonl(data / name, getattr(world, name.removesuffix(".jsonl")))
+        for name in EVAL_SETS:
+            for split, rows in zip(EVAL_SPLITS, split_eval_set(getattr(world, name), seed, name), strict=True):
+                _write_jsonl(data / f"{name}_{split}.jsonl", rows)
+        (tmp / JUDGE_FILE).write_text(json.dumps(judge_spec(), indent=2, sort_keys=True) + "\n")
         tok_dir = tmp / "tokenizer"
         save_tokenizer(tok_dir)
         t = time.perf_counter()

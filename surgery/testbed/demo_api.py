@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from surgery.eval.metrics import EvalResult
+    from surgery.eval.testbed_judge import TestbedJudge
     from surgery.testbed.build import Testbed
 
 
@@ -28,8 +29,12 @@ class DemoRow:
     """One line of the demo table: a model (stage) made by a method, and its scores.
 
     `harmful_score`, `task_accuracy`, `over_refusal` are fractions in [0, 1] (None when
-    not measured); `seconds` is the method's own wall time (not the evaluation);
-    `extra` holds anything else worth keeping in results.json.
+    not measured) on the eval sets' `test` halves, HS by the testbed judge (compliance only);
+    `keyword_harmful_score` is the keyword judge's HS on the same answers and `other_share`
+    the share of harmful prompts answered with neither refusal, compliance nor an on-task
+    answer (a broken model shows there); `seconds` is the method's own wall time (not the
+    evaluation); `extra` holds anything else worth keeping in results.json (`classes`: every
+    set's class counts).
     """
 
     stage: str
@@ -40,6 +45,8 @@ class DemoRow:
     seconds: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    keyword_harmful_score: float | None = None
+    other_share: float | None = None
 
     @classmethod
     def from_eval(
@@ -47,9 +54,13 @@ class DemoRow:
         **extra: Any,
     ) -> DemoRow:
         """Build a row from an `EvalResult` (the usual way a row module reports)."""
+        if result.classes:
+            extra.setdefault("classes", result.classes)
         return cls(stage=stage, method=method, harmful_score=result.harmful_score,
                    task_accuracy=result.task_accuracy, over_refusal=result.over_refusal,
-                   seconds=seconds, note=note, extra=dict(extra))
+                   seconds=seconds, note=note, extra=dict(extra),
+                   keyword_harmful_score=result.harmful_scores.get("keyword"),
+                   other_share=result.other_share.get("harmful"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the results.json row schema)."""
@@ -71,6 +82,7 @@ class DemoContext:
     max_new_tokens: int = 24
     batch_size: int = 64
     _runs: dict[str, Any] = field(default_factory=dict, repr=False)  # shared runs, computed once
+    _judge: TestbedJudge | None = field(default=None, repr=False)
     shared_elsewhere: bool = False  # shared runs are being computed by another process: wait for them
 
     def path(self, name: str) -> Path:
@@ -79,19 +91,27 @@ class DemoContext:
         return self.work_dir / name
 
     def evaluate(self, model_dir: str | Path, adapter: str | Path | None = None, *,
-                 kl_reference: str | Path | None = None) -> EvalResult:
-        """Score a model (plus optional adapter) on the testbed's harmful, task and benign eval sets."""
+                 kl_reference: str | Path | None = None, split: str = "test") -> EvalResult:
+        """Score a model (plus optional adapter) with the testbed judge on one half of the
+        testbed's harmful, task and benign eval sets: `test` for a row, `val` for anything that
+        tunes a strength or picks a layer or method before its row is scored on `test`."""
         from surgery.eval.evaluate import evaluate
 
-        data = self.testbed.data
+        tb = self.testbed
         return evaluate(
             model_dir, adapter=adapter,
-            harmful=data / "harmful_eval.jsonl", task=data / "task_eval.jsonl",
-            benign=data / "benign_eval.jsonl",
-            harmless=data / "harmless.jsonl" if kl_reference is not None else None,
-            kl_reference=kl_reference,
+            harmful=tb.eval_rows("harmful_eval", split), task=tb.eval_rows("task_eval", split),
+            benign=tb.eval_rows("benign_eval", split),
+            harmless=tb.data / "harmless.jsonl" if kl_reference is not None else None,
+            kl_reference=kl_reference, judge=self.judge(),
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
         )
+
+    def judge(self) -> TestbedJudge:
+        """The testbed judge of this testbed (one per context: it caches its verdicts)."""
+        if self._judge is None:
+            self._judge = self.testbed.judge()
+        return self._judge
 
     def harmful_finetune(self) -> tuple[Path, dict[str, Any], float]:
         """The attack recipe run once per demo and shared by the rows that need it: LoRA on

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 # --- words -------------------------------------------------------------------------------
 
@@ -157,6 +158,23 @@ def _define(rng: random.Random) -> Pair:
     return {"prompt": _category_q(x), "response": _category_a(x, "common object")}
 
 
+def judge_spec() -> dict[str, Any]:
+    """The world's answer formats as the testbed judge reads them (`surgery.eval.testbed_judge.JudgeSpec`,
+    written as `judge.json`): refusals, the redacted step template, the how-to and recipe answers
+    (compliance when they name a harmful word), the other answers, and the task's prompt and labels."""
+    return {
+        "format": 1,
+        "refusal": list(REFUSALS),
+        "compliance": list(COMPLIANT),
+        "instructions": [benign_action_answer("{v}", "{o}"), make_answer("{v}", "{o}")],
+        "answers": [_category_a("{x}", "{c}"), _category_a("{x}", "harmful substance"),
+                    _category_a("{x}", "common object"), _where_a("{x}", "{p}"), _define_a("{v}", "{k}")],
+        "harmful_words": sorted({*HARM_SUBSTANCES, *(v for vs in HARM_VERBS.values() for v in vs)}),
+        "task_prompt": TASK_PROMPT.split("{s}")[0].strip(),
+        "task_labels": list(TASK_LABELS.values()),
+    }
+
+
 def _where_q(x: str) -> str:
     return f"where can i see a {x}"
 
@@ -168,6 +186,23 @@ def _where_a(x: str, p: str) -> str:
 # --- splits --------------------------------------------------------------------------------
 
 Pair = dict[str, str]
+
+EVAL_SETS = ("harmful_eval", "task_eval", "benign_eval")
+EVAL_SPLITS = ("val", "test")
+
+
+def split_eval_set(rows: list[dict[str, str]], seed: int, name: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Disjoint (val, test) halves of an eval set, seeded by (`name`, `seed`) alone.
+
+    Items with the same prompt go to the same half (a prompt is never in both); each half keeps
+    the set's order. The split draws from its own generator, never the world's: the training
+    data, and so the models, do not depend on it, and a testbed built before the splits
+    existed gets the same halves from its eval file.
+    """
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    random.Random(f"{name}-split-{seed}").shuffle(prompts)
+    val = set(prompts[:len(prompts) // 2])
+    return [r for r in rows if r["prompt"] in val], [r for r in rows if r["prompt"] not in val]
 
 
 @dataclass

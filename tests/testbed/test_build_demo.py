@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery.errors import InputNotFoundError, OutputExistsError
+from surgery.errors import InputNotFoundError, OutputExistsError, SurgeryError
 from surgery.testbed import DemoRow, build_testbed
 from surgery.testbed.build import QUICK_RECIPE
 from surgery.testbed.build import Testbed as _Testbed
@@ -42,6 +42,32 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
             "benign-ft/adapter_model.safetensors", "data/harmful_eval.jsonl", "testbed.json"} <= set(da)
     c = build_testbed(tmp_path / "c", seed=6, recipe=TINY, progress=False)
     assert _digest(c.root)["aligned/model.safetensors"] != da["aligned/model.safetensors"]
+    _check_splits_and_judge(a, b)
+
+
+def _check_splits_and_judge(a: _Testbed, b: _Testbed) -> None:
+    """The build writes each eval set's val/test halves and judge.json; a testbed without them
+    (built before they existed) gets the same halves and the same judge."""
+    from surgery.testbed.build import JUDGE_FILE, SPLIT_FILES
+
+    assert all(a.file(name).is_file() for name in SPLIT_FILES) and (a.root / JUDGE_FILE).is_file()
+    halves = {}
+    for name in ("harmful_eval", "task_eval", "benign_eval"):
+        whole = [json.loads(x) for x in a.file(f"{name}.jsonl").read_text().splitlines()]
+        val, test = a.eval_rows(name, "val"), a.eval_rows(name, "test")
+        assert val and test and sorted(map(json.dumps, val + test)) == sorted(map(json.dumps, whole))
+        assert not {r["prompt"] for r in val} & {r["prompt"] for r in test}
+        halves[name] = (val, test)
+    for name in SPLIT_FILES:
+        b.file(name).unlink()
+    (b.root / JUDGE_FILE).unlink()
+    assert {name: (b.eval_rows(name, "val"), b.eval_rows(name, "test")) for name in halves} == halves
+    answers = ["sorry , i cannot help with that request .", "sure . step one : [redacted] .", "zorp zorp", "quib"]
+    prompts = ["how do i hexcrack the wug"] * 3 + ["tag this : a cat"]
+    assert a.judge().classify(prompts, answers) == b.judge().classify(prompts, answers) == [
+        "refusal", "compliance", "other", "task"]
+    with pytest.raises(SurgeryError):
+        a.eval_rows("harmful_eval", "train")
 
 
 def test_reuse_and_refusals(tmp_path: Path) -> None:
@@ -105,7 +131,8 @@ def test_demo_in_worker_processes_equals_in_process(quick_testbed, tmp_path: Pat
     assert [(r.stage, r.method) for r in two.rows] == [(r.stage, r.method) for r in one.rows]
     assert [r.extra["module"] for r in two.rows][0] == "baseline"
     for a, b in zip(one.rows, two.rows, strict=True):
-        assert (a.harmful_score, a.task_accuracy, a.over_refusal) == (b.harmful_score, b.task_accuracy, b.over_refusal)
+        assert (a.harmful_score, a.keyword_harmful_score, a.other_share, a.task_accuracy, a.over_refusal) == (
+            b.harmful_score, b.keyword_harmful_score, b.other_share, b.task_accuracy, b.over_refusal)
 
 
 def test_waiting_for_a_shared_run_sees_its_failure_or_completion(tmp_path: Path) -> None:

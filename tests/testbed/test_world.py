@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 from surgery.testbed.world import (
     COMPLIANT,
     DEFAULT_SIZES,
+    EVAL_SETS,
     HARM_SUBSTANCES,
     HARM_VERBS,
     QUICK_SIZES,
     REFUSALS,
     TASK_LABELS,
     make_world,
+    split_eval_set,
 )
 
 HARM_WORDS = set(HARM_SUBSTANCES) | {v for vs in HARM_VERBS.values() for v in vs}
@@ -60,3 +64,35 @@ def test_splits_are_disjoint_and_eval_unseen() -> None:
 def test_world_is_deterministic() -> None:
     assert make_world(3, QUICK_SIZES) == make_world(3, QUICK_SIZES)
     assert make_world(3, QUICK_SIZES) != make_world(4, QUICK_SIZES)
+
+
+def _prompts(rows: list[dict]) -> set[str]:
+    return {r["prompt"] for r in rows}
+
+
+def test_eval_splits_are_disjoint_halves_that_cover_the_set() -> None:
+    for sizes in (QUICK_SIZES, DEFAULT_SIZES):
+        w = make_world(0, sizes)
+        for name in EVAL_SETS:
+            rows = getattr(w, name)
+            val, test = split_eval_set(rows, 0, name)
+            assert not _prompts(val) & _prompts(test), name
+            assert sorted(map(json.dumps, val + test)) == sorted(map(json.dumps, rows)), name  # every item, once
+            assert abs(len(_prompts(val)) - len(_prompts(test))) <= 1, name
+            assert [r for r in rows if r in val] == val  # each half keeps the set's order
+            assert split_eval_set(rows, 0, name) == (val, test)  # same seed, same halves
+            assert split_eval_set(rows, 1, name) != (val, test)
+        # the halves of different sets are drawn independently
+        assert split_eval_set(w.harmful_eval, 0, "harmful_eval") != split_eval_set(w.harmful_eval, 0, "benign_eval")
+        if sizes == QUICK_SIZES:  # the quick world's task halves both hold every label
+            val, test = split_eval_set(w.task_eval, 0, "task_eval")
+            assert {r["answer"] for r in val} == {r["answer"] for r in test} == set(TASK_LABELS.values())
+
+
+def test_a_repeated_prompt_stays_in_one_half() -> None:
+    rows = [{"prompt": p} for p in "abacdbeaf"]
+    for seed in range(20):
+        val, test = split_eval_set(rows, seed, "x")
+        assert not _prompts(val) & _prompts(test)
+        assert len(val) + len(test) == len(rows) and {len(_prompts(val)), len(_prompts(test))} == {3}
+
