@@ -46,7 +46,7 @@ def environment_error_message(exc: OSError) -> str | None:
     if hint is None:
         return None
     where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno, '')}; {hint}"
+    return f"{where}{exc.strerror or errno.errorcode.get(exc.errno or 0, '')}; {hint}"
 
 
 @cache

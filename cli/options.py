@@ -88,14 +88,15 @@ def config_options(config_cls: type[MethodConfig], *, exclude: tuple[str, ...] =
                 if typing.get_origin(tp) is tuple:
                     value = tuple(split_targets(value) or ())
                 elif typing.get_origin(tp) is typing.Literal or info.choices is not None:
-                    allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else info.choices
+                    allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else (info.choices or ())
                     value = next((a for a in allowed if str(a) == value), value) if value is not None else None
                 values[info.name] = value
             return fn(*args, config=config_cls(**values), **kwargs)
 
+        decorated: F = wrapper
         for info in reversed(infos):
-            wrapper = _decorate(info)(wrapper)
-        return wrapper
+            decorated = _decorate(info)(decorated)
+        return decorated
 
     return decorator
 

@@ -171,7 +171,7 @@ class ModelSkeleton:
         keep = {"embed_tokens.weight"} if type(model.embed_tokens) is nn.Embedding else set()
         self._load(model, self.prefix, ckpt, device, dtype, keep=keep)
         if keep:
-            model.embed_tokens.register_forward_hook(lambda mod, args, out: out.to(dtype))
+            model.embed_tokens.register_forward_hook(lambda mod, args, out: out.to(dtype))  # type: ignore[union-attr]
         model.eval()
 
     @staticmethod
@@ -400,7 +400,7 @@ def calibrate_layerwise(
             hidden, per_layer = skeleton.embed(batch, dev)
             cache.append(hidden.to("cpu", dtype))
             layer_kwargs.append(per_layer)
-    skeleton.model = None  # embeddings are no longer needed
+    skeleton.model = None  # type: ignore[assignment]  # embeddings are no longer needed
 
     result: dict[str, LinearStats] = {}
     n_layers = len(skeleton.layers)

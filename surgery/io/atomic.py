@@ -20,11 +20,13 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import OutputExistsError, OutputOverlapsInputError
 
 PathLike = str | os.PathLike[str]
-InputPaths = Mapping[str, PathLike | Iterable[PathLike] | None] | Iterable[PathLike | None]
+# role -> a path, several, an opened Checkpoint/LoraAdapter (anything with `files`/`directory`) or None
+InputPaths = Mapping[str, Any] | Iterable[Any]
 """A command's input paths: a mapping role -> path(s) (the role names them in messages, e.g.
 `{"MODEL": model, "--calib": calib}`), or a plain iterable of paths; `None` entries are ignored.
 An opened `Checkpoint` or `LoraAdapter` may stand in for its paths."""

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    from surgery.methods.config import MethodConfig
 
 __all__ = ["ROLES", "KINDS", "MethodSpec", "REGISTRY", "get", "methods"]
 
@@ -58,7 +61,7 @@ class MethodSpec:
     demo: str | None = None  # demo row group that shows it on the testbed; None for utilities
     reference: str = ""  # the paper or project it follows
 
-    def config_class(self) -> type:
+    def config_class(self) -> type[MethodConfig]:
         """The method's config dataclass (imports its module)."""
         if self.config is None:
             raise SurgeryError(f"{self.name} has no typed config")

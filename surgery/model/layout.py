@@ -133,6 +133,6 @@ def residual_layout(model: torch.nn.Module) -> Layout:
                   if isinstance(m, torch.nn.Embedding) and not name.startswith(prefix + ".")]
     transposed = {name for name in attn_out + mlp_out if type(modules[name]).__name__ == "Conv1D"}
     final_norm = next((name for name in _FINAL_NORM if name in modules), None)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     head = next((name for name, m in modules.items() if out_emb is not None and m is out_emb), None)
     return Layout(blocks, attn_out, mlp_out, embeddings, transposed, final_norm, head)

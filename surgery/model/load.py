@@ -153,7 +153,7 @@ def load_causal_lm(path: PathLike, *, dtype: torch.dtype = torch.float32, device
                                                      local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CorruptFileError(f"cannot load the model in {directory} ({_first_line(exc)})") from None
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() as its own wrapper
 
 
 def model_from_config(config: Any, *, causal_lm: bool = True, **kwargs: Any) -> torch.nn.Module:
