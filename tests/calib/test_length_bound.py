@@ -9,8 +9,11 @@ import random
 import pytest
 
 import surgery.calib.data as data
-from surgery.calib.data import _pair_ids, chars_per_token, prompt_ids, tokenize_pairs, tokenize_prompts
+import surgery.model.encoding as encoding
+from surgery.calib.data import chars_per_token, tokenize_pairs, tokenize_prompts
 from surgery.errors import DataError
+from surgery.model.encoding import pair_ids as _pair_ids
+from surgery.model.encoding import prompt_ids
 from surgery.testbed.tokenizer import make_tokenizer
 
 MAX_LENGTH = 48
@@ -57,13 +60,13 @@ def huge() -> str:
 def calls(monkeypatch):
     """The length of every string the tokenizer is asked to encode."""
     seen: list[int] = []
-    encode = data._encode
+    encode = encoding.text_ids
 
-    def recording(tokenizer, text, add_special_tokens):
+    def recording(tokenizer, text, add_special_tokens=False):
         seen.append(len(text))
         return encode(tokenizer, text, add_special_tokens)
 
-    monkeypatch.setattr(data, "_encode", recording)
+    monkeypatch.setattr(encoding, "text_ids", recording)
     return seen
 
 
