@@ -189,11 +189,6 @@ class Checkpoint:
         unnamed = sorted(
             p.name for p in directory.glob("*.safetensors") if p.name not in shards and p.is_file()
         )
-        if unnamed:
-            log.warning(
-                "warning: %s does not name %s in %s; %s ignored (a leftover, or an incomplete index?)",
-                index_path.name, ", ".join(unnamed), directory, "it is" if len(unnamed) == 1 else "they are",
-            )
         for shard, shard_path in shards.items():
             refuse_special_file(shard_path)
             if not shard_path.is_file():
@@ -210,6 +205,11 @@ class Checkpoint:
                     f"{index_path} says {tensor!r} is in {shard}, but that shard has no such tensor"
                 )
             infos[tensor] = info
+        if unnamed:  # only once the index itself is valid: an error, when there is one, comes alone
+            log.warning(
+                "warning: %s does not name %s in %s; %s ignored (a leftover, or an incomplete index?)",
+                index_path.name, ", ".join(unnamed), directory, "it is" if len(unnamed) == 1 else "they are",
+            )
         ordered = dict(sorted(infos.items(), key=lambda kv: (str(kv[1].file), kv[1].data_offsets)))
         return cls(directory, ordered, list(headers.values()), directory, index_path)
 
