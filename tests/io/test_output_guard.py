@@ -169,15 +169,16 @@ def _make(kind: str, tb, where: Path) -> Path:
     raise AssertionError(kind)
 
 
-# (command id, argv with {kind} placeholders, output option, whether it takes --force, {kind: role in messages})
+# (command id, argv with {kind} placeholders, output option, whether it takes --force, {kind: role in messages});
+# commands on the method contract name their inputs by registry role (model, calib, adapter, ...)
 COMMANDS = [
     ("merge", ["merge", "{base}", "{attacked}"], "-o", True, {"base": "BASE", "attacked": "ADAPTER"}),
     ("antidote-adapter", ["antidote", "{aligned}", "--calib", "{harmful}", "--adapter", "{attacked}"], "-o", True,
-     {"aligned": "MODEL", "harmful": "--calib", "attacked": "--adapter"}),
+     {"aligned": "model", "harmful": "calib", "attacked": "adapter"}),
     ("antidote-aligned", ["antidote", "{base}", "--calib", "{harmful}", "--aligned", "{aligned}"], "-o", True,
-     {"aligned": "--aligned"}),
+     {"aligned": "aligned"}),
     ("wanda", ["wanda", "{aligned}", "--calib", "{harmful}", "--sparsity", "0.5"], "-o", True,
-     {"aligned": "MODEL", "harmful": "--calib"}),
+     {"aligned": "model", "harmful": "calib"}),
     ("safelora", ["safelora", "{attacked}", "--base", "{base}", "--aligned", "{aligned}"], "-o", True,
      {"attacked": "ADAPTER", "base": "--base", "aligned": "--aligned"}),
     ("salora-fit", ["salora", "fit", "{aligned}", "--safety", "{harmful}", "--rank", "2", "--task", "{task}"], "-o",
