@@ -19,7 +19,7 @@ from surgery.errors import SurgeryError
 from surgery.io.adapter import CONFIG_NAME, LoraAdapter
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.header import TensorInfo
-from surgery.model.layout import LAYER_RE, layer_index
+from surgery.io.names import LAYER_RE, layer_index
 
 log = logging.getLogger(__name__)
 _UNITS = {

@@ -20,6 +20,7 @@ import torch
 
 from surgery.errors import MismatchError
 from surgery.io.adapter import PREFIX as ADAPTER_PREFIX
+from surgery.io.names import LAYER_RE, layer_index
 
 __all__ = [
     "ATTN_OUT", "EXPERT_RE", "FUSED_PROJECTIONS", "LAYER_RE", "Layout", "MLP_OUT", "PEFT_PREFIX", "expert_index",
@@ -28,10 +29,6 @@ __all__ = [
 
 # The prefix peft puts before a wrapped model's own module paths (the adapter format's, defined in io).
 PEFT_PREFIX = ADAPTER_PREFIX
-
-# A decoder layer in a tensor or module name: `model.layers.3.`, `transformer.h.0.`, `encoder.layer.2.`,
-# `model.decoder.layers.1.`, `blocks.4.`. Group 1 is the layer index.
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 
 # An MoE expert inside a layer: `mlp.experts.17.down_proj`. Group 1 is the expert index.
 EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
@@ -48,12 +45,6 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 ATTN_OUT = ("self_attn.o_proj", "attn.c_proj", "attn.out_proj", "self_attention.dense", "attention.dense")
 MLP_OUT = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.fc2", "mlp.dense_4h_to_h")
 _FINAL_NORM = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm")
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a tensor or module name (`model.layers.3.mlp...` -> 3), None outside layers."""
-    match = LAYER_RE.search(name)
-    return int(match.group(1)) if match else None
 
 
 def expert_index(name: str) -> int | None:

@@ -14,8 +14,8 @@ _PROBE = """
 import sys
 sys.modules["numba"] = None  # `import numba` now raises ImportError, as on an install without it
 import torch
-import surgery.kernels.select_cpu as cpu
-from surgery.kernels.topk_mask import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
+import surgery.kernels.topk.cpu as cpu
+from surgery.kernels import topk_mask, topk_mask_reference, wanda_prune_, wanda_prune_reference_
 import surgery.methods.antidote, surgery.methods.wanda  # noqa: E401 - the CPU-heavy methods import
 
 gen = torch.Generator().manual_seed(0)
