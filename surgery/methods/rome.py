@@ -506,7 +506,7 @@ def run(config: RomeConfig, inputs: Mapping[str, Any], out: str | Path, runtime:
     # apply in memory to measure, then stream the checkpoint with the same update
     proj = module(model, layout.mlp_out[layer])
     with torch.no_grad():
-        update_(proj.weight.data)  # type: ignore[union-attr]  # a Linear/Conv1D weight
+        update_(proj.weight.data)  # type: ignore[union-attr,arg-type]  # a Linear/Conv1D weight
     p_after, acc_after = target_stats(model, start, fact)
     after = sequence_logprobs(model, loc, pad) if loc else []
     locality = kl_divergence(torch.cat(before), torch.cat(after)) if loc else float("nan")
