@@ -30,22 +30,26 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from surgery.errors import DataError, InputNotFoundError, MismatchError, SurgeryError
+from surgery.methods.config import ConfigError, MethodConfig, Runtime, option
 from surgery.model.encoding import left_padded_batches, pad_id, prompt_ids
 from surgery.model.layout import Layout, module, residual_layout
 from surgery.model.load import default_device, load_causal_lm, load_config, load_tokenizer, model_from_config
 from surgery.model.scoring import kl_divergence, model_device, next_token_logprobs
+from surgery.report import Report
+
+__all__ = ["DirectionConfig", "run", "refusal_direction_edit", "select_direction", "load_direction",
+           "save_direction", "ablate_weight", "ablation_plan", "DIRECTION_FILE"]
 
 DIRECTION_FILE = "refusal_direction.safetensors"
-REPORT_FILE = "surgery_edit.json"
 DEFAULT_REFUSAL_PHRASES = ("I", "Sorry", "sorry", "I'm", "As", "Unfortunately", "i")
 MAX_LAYER_FRACTION = 0.8
 
@@ -80,8 +84,8 @@ def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] | None = None) -> l
         if toks and toks[0] != unk and int(toks[0]) not in ids:
             ids.append(int(toks[0]))
     if not ids:
-        raise DataError("none of the refusal phrases is a known token of this tokenizer: pass --refusal-token "
-                        "with the first word of the model's refusals")
+        raise DataError("none of the refusal phrases is a known token of this tokenizer: set refusal_tokens "
+                        "to the first word of the model's refusals")
     return ids
 
 
@@ -214,9 +218,9 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
     b_train, b_val = split(harmless)
     n_pos = post_instruction_length(tokenizer, h_train + h_val + b_train + b_val)
     if pos is not None and not -n_pos <= pos <= -1:
-        raise SurgeryError(f"--pos must be in [-{n_pos}, -1] (the post-instruction template positions), got {pos}")
+        raise ConfigError(f"direction: pos must be in [-{n_pos}, -1] (the post-instruction template positions), got {pos}")
     if layer is not None and not 0 <= layer < L:
-        raise SurgeryError(f"--layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
+        raise ConfigError(f"direction: layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
     diffs = candidate_directions(model, h_train, b_train, n_pos, pad, batch_size)  # [n_pos, L, d]
     refusal_ids = refusal_token_ids(tokenizer, refusal_phrases)
     base_h = next_token_logprobs(model, h_val, pad, batch_size)
@@ -257,13 +261,13 @@ def select_direction(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[s
     if not kept and layer is not None:
         raise SurgeryError(f"the candidate at layer {layer}, pos {todo[0][0]} is unusable "
                            f"({cands[0].get('discarded', 'no finite score')}): at layer 0 every prompt has the same "
-                           "template tokens, so pick a later layer or another --pos")
+                           "template tokens, so pick a later layer or another pos")
     if not kept:
         raise SurgeryError(f"every candidate direction was filtered out (KL limit {kl_limit}, layers < "
                            f"{max_layer_fraction} L{', steering score >= 0' if steering_filter else ''}; "
                            f"{_discard_summary(cands)}): raise "
-                           f"--kl-limit, {'drop --steering-filter, ' if steering_filter else ''}"
-                           "or pick one with --layer")
+                           f"kl_limit, {'turn steering_filter off, ' if steering_filter else ''}"
+                           "or pick one with layer")
     best = min(kept, key=lambda c: (c["refusal_score"], -c["pos"], c["layer"]))
     diff = diffs[n_pos + best["pos"], best["layer"]]
     return Selection(layer=best["layer"], pos=best["pos"], direction=(diff / diff.norm()).float(),
@@ -330,31 +334,134 @@ def ablation_plan(layout: Layout, names: Sequence[str]) -> dict[str, str]:
     return plan
 
 
-# --- the driver --------------------------------------------------------------------------------
+# --- config and driver -------------------------------------------------------------------------
 
 
-@dataclass
-class DirectionResult:
-    """What `refusal_direction_edit` did: where, with which direction, and the scores it measured."""
+@dataclass(frozen=True, kw_only=True)
+class DirectionConfig(MethodConfig):
+    """The refusal-direction edit's options; defaults follow Arditi et al.'s selection (KL limit 0.1)."""
 
-    out: str
-    direction_file: str
-    mode: str
-    layer: int
-    pos: int
-    coeff: float | None
-    site: str | None
-    edited: list[str]
-    added: list[str]
-    baseline_refusal: float | None
-    ablated_refusal: float | None
-    harmless_kl: float | None
-    candidates: list[dict[str, Any]]
-    seconds: float
+    method = "direction"
+    mode: Literal["ablate", "add"] = option(
+        help="ablate: orthogonalise every residual-writing weight; add: put the direction back (defense).")
+    layer: int | None = option(None, "Layer of the direction; default: chosen by the selection (auto).", low=0)
+    pos: int | None = option(None, "Post-instruction position (negative, e.g. -1); default: searched (auto) or -1.",
+                             high=-1)
+    coeff: float = option(1.0, "add: multiple of the mean difference added.")
+    kl_limit: float = option(0.1, "auto: discard candidates whose first-token KL on harmless prompts exceeds this.",
+                             low=0.0)
+    steering_filter: bool = option(False, "auto: also discard candidates whose steering score (refusal when added "
+                                          "on harmless prompts) is below 0, the paper's third filter.")
+    refusal_tokens: tuple[str, ...] = option(
+        (), "Words that start a refusal (default I, Sorry, ...): the refusal score's tokens.", flag="--refusal-token")
+    add_site: Literal["auto", "bias", "mlp_bias", "embedding"] = option(
+        "auto", "add: where the vector goes (see the docs).")
+    limit: int | None = option(None, "Use at most this many prompts of each file.", low=1)
+    seed: int = option(0, "Seed of the train/validation split of the prompts.")
+    batch_size: int = option(32, "Prompts per forward pass.", low=1)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+
+def run(config: DirectionConfig, inputs: Mapping[str, Any], out: str | Path, runtime: Runtime = Runtime(), *,
+        harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None) -> Report:
+    """Find (or load) the refusal direction of `inputs["model"]` and write `out` with it ablated or added.
+
+    The direction comes from `inputs["direction"]` (a saved `refusal_direction.safetensors`)
+    or from the prompts of `inputs["harmful"]`/`inputs["harmless"]` (or the `harmful`/
+    `harmless` lists, which replace reading them). `mode="ablate"`: every residual-writing
+    tensor orthogonalised against the unit direction; `mode="add"`: coeff * (harmful -
+    harmless mean) added at the input of the chosen layer (see `_addition_tensors`). The
+    output is streamed tensor by tensor and holds `refusal_direction.safetensors` and
+    `surgery_report.json`; the selection (every candidate's scores) is in `report.metrics`.
+    """
+    from surgery.calib.data import load_prompts
+    from surgery.io.atomic import check_output
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.provenance import provenance
+    from surgery.pipeline.rewrite import rewrite_checkpoint
+
+    start = time.perf_counter()
+    direction_file = inputs.get("direction")
+    check_output(out, runtime.force, inputs)
+    ckpt = Checkpoint.open(inputs["model"])
+    cfg = ckpt.config()
+    if cfg is None or ckpt.directory is None:
+        raise InputNotFoundError(f"{inputs['model']} is not a Hugging Face model directory (needs config.json)")
+    if direction_file is None:
+        if harmful is None and inputs.get("harmful") is not None:
+            harmful = load_prompts(inputs["harmful"], config.limit)
+        if harmless is None and inputs.get("harmless") is not None:
+            harmless = load_prompts(inputs["harmless"], config.limit)
+        if not harmful or not harmless:
+            raise DataError("give harmful and harmless prompts (or a saved direction file to reuse)")
+        tok = load_tokenizer(ckpt.directory)
+        model = load_causal_lm(ckpt.directory, device=default_device(runtime.device)).requires_grad_(False)
+    else:  # no forward pass needed: the layout comes from an empty (meta) model
+        model, tok = _meta_model(ckpt.directory), None
+    layout = residual_layout(model)
+    if direction_file is not None:
+        sel = load_direction(direction_file)
+        d_model = module(model, layout.embeddings[0]).weight.shape[-1]  # type: ignore[index]  # an Embedding
+        if sel.direction.numel() != d_model:
+            raise MismatchError(f"{direction_file} holds a direction of size {sel.direction.numel()}, the model's "
+                                f"hidden size is {d_model}: it was computed on another model")
+        if config.layer is not None:
+            sel.layer = config.layer
+        if not 0 <= sel.layer < layout.n_layers:
+            raise MismatchError(f"the direction's layer {sel.layer} does not exist in this {layout.n_layers}-layer model")
+        sel.n_layers = layout.n_layers
+    else:
+        sel = select_direction(model, tok, harmful or [], harmless or [], layer=config.layer, pos=config.pos,
+                               kl_limit=config.kl_limit, refusal_phrases=list(config.refusal_tokens) or None,
+                               seed=config.seed, batch_size=config.batch_size,
+                               steering_filter=config.steering_filter, progress=runtime.progress)
+    del model
+
+    new_tensors: dict[str, torch.Tensor] = {}
+    new_cfg = None
+    site = None
+    if config.mode == "ablate":
+        plan = ablation_plan(layout, ckpt.names())
+    else:
+        site, new_tensors, plan, new_cfg = _addition_tensors(ckpt, cfg, layout, sel.layer,
+                                                             config.coeff * sel.mean_diff, config.add_site)
+    add = config.coeff * sel.mean_diff
+
+    def edit(name: str, t: torch.Tensor) -> torch.Tensor:
+        kind = plan[name]
+        if kind == "add":
+            return (t.float() + add.to(t.device)).to(t.dtype)
+        if kind == "add_rows":
+            return (t.float() + add.to(t.device).unsqueeze(0)).to(t.dtype)
+        return ablate_weight(t, sel.direction, kind)
+
+    report = Report("direction", config.to_dict())
+    report.metrics = {
+        "mode": config.mode, "layer": sel.layer, "pos": sel.pos,
+        "coeff": config.coeff if config.mode == "add" else None, "site": site,
+        "direction_file": str(Path(out) / DIRECTION_FILE), "edited": sorted(plan), "added": sorted(new_tensors),
+        "baseline_refusal": _finite(sel.baseline_refusal), "ablated_refusal": _finite(sel.ablated_refusal),
+        "harmless_kl": _finite(sel.harmless_kl), "candidates": sel.candidates,
+    }
+    data = {role: inputs[role] for role in ("harmful", "harmless", "direction") if inputs.get(role) is not None}
+    extra: dict[str, str | bytes] = {}
+    if new_cfg is not None:
+        extra["config.json"] = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
+    with tempfile.TemporaryDirectory() as td:
+        meta = provenance(report.method, report.config, {"model": ckpt, **data})
+        extra[DIRECTION_FILE] = save_direction(Path(td) / DIRECTION_FILE, sel, meta).read_bytes()
+    report.seconds["select"] = time.perf_counter() - start
+    return rewrite_checkpoint(ckpt, out, report, edit=edit, names=set(plan), new_tensors=new_tensors, inputs=data,
+                              extra_files=extra, shard_size=runtime.shard_size, force=runtime.force,
+                              started=start)
+
+
+def refusal_direction_edit(model: str | Path, out: str | Path, *, harmful: Sequence[str] | None = None,
+                           harmless: Sequence[str] | None = None, direction_file: str | Path | None = None,
+                           runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run` with the config's fields as keyword arguments and the prompts as lists:
+    `refusal_direction_edit(model, out, mode="ablate", harmful=[...], harmless=[...], layer=1)`."""
+    inputs = {"model": model} if direction_file is None else {"model": model, "direction": direction_file}
+    return run(DirectionConfig(**options), inputs, out, runtime, harmful=harmful, harmless=harmless)
 
 
 def save_direction(path: str | Path, sel: Selection, metadata: dict[str, str], force: bool = False) -> Path:
@@ -412,21 +519,21 @@ def _addition_tensors(ckpt: Any, cfg: dict, layout: Layout, layer: int, vector: 
         else:
             raise SurgeryError(
                 f"this architecture ({cfg.get('model_type')}) has no MLP bias to carry the added direction at "
-                f"layer {layer}: use --layer 0 (added through the token embedding) or a Llama-family model")
+                f"layer {layer}: use layer 0 (added through the token embedding) or a Llama-family model")
     if site == "embedding":
         if layer != 0:
-            raise SurgeryError("--add-site embedding adds the vector at the input of block 0: use it with --layer 0")
+            raise SurgeryError("add_site embedding adds the vector at the input of block 0: use it with layer 0")
         return site, {}, {f"{layout.embeddings[0]}.weight": "add_rows"}, None
     if layer == 0:
-        raise SurgeryError("layer 0 has no previous MLP: the vector can only go into the embedding (--layer 0 "
-                           "uses --add-site embedding)")
+        raise SurgeryError("layer 0 has no previous MLP: the vector can only go into the embedding (layer 0 "
+                           "uses add_site embedding)")
     name = f"{layout.mlp_out[layer - 1]}.bias"
     if site == "bias":
         if name not in ckpt:
-            raise SurgeryError(f"{name} does not exist: use --add-site auto")
+            raise SurgeryError(f"{name} does not exist: use add_site auto")
         return site, {}, {name: "add"}, None
     if site != "mlp_bias":
-        raise SurgeryError(f"unknown --add-site {site!r}: use auto, bias, mlp_bias or embedding")
+        raise SurgeryError(f"unknown add_site {site!r}: use auto, bias, mlp_bias or embedding")
     new_cfg = dict(cfg)
     new_cfg["mlp_bias"] = True
     hf_cfg = load_config(ckpt.directory)
@@ -440,110 +547,6 @@ def _addition_tensors(ckpt: Any, cfg: dict, layout: Layout, layer: int, vector: 
         raise SurgeryError(f"turning on mlp_bias did not create {name}: this architecture cannot carry the vector")
     new[name] = vector.to(new[name].dtype)
     return site, new, {}, new_cfg
-
-
-def refusal_direction_edit(model_dir: str | Path, out: str | Path, *, mode: str = "ablate",
-                           harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
-                           direction_file: str | Path | None = None, layer: int | None = None,
-                           pos: int | None = None, coeff: float = 1.0, kl_limit: float = 0.1,
-                           refusal_phrases: Sequence[str] | None = None, add_site: str = "auto",
-                           steering_filter: bool = False, seed: int = 0,
-                           batch_size: int = 32, shard_size: int | None = None, force: bool = False,
-                           progress: bool = True, params: dict[str, Any] | None = None,
-                           inputs: dict[str, Any] | None = None) -> DirectionResult:
-    """Find (or load) the refusal direction of `model_dir` and write `out` with it ablated or added.
-
-    `mode="ablate"`: every residual-writing tensor orthogonalised against the unit
-    direction. `mode="add"`: coeff * (harmful - harmless mean) added at the input of the
-    chosen layer (see `_addition_tensors` for where). The output is streamed tensor by
-    tensor from the input checkpoint (unchanged tensors copied as they are) and holds
-    `refusal_direction.safetensors` (direction, mean_diff, layer, pos) and
-    `surgery_edit.json` (this result).
-    """
-    from surgery.io.atomic import check_output
-    from surgery.io.checkpoint import Checkpoint
-    from surgery.io.provenance import provenance
-    from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
-
-    start = time.perf_counter()
-    if mode not in ("ablate", "add"):
-        raise SurgeryError(f"--mode must be ablate or add, got {mode!r}")
-    out = Path(out)
-    guarded = {"MODEL": model_dir, "--direction": direction_file, **(inputs or {})}
-    check_output(out, force, guarded)
-    ckpt = Checkpoint.open(model_dir)
-    cfg = ckpt.config()
-    if cfg is None or ckpt.directory is None:
-        raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
-    if direction_file is not None:  # no forward pass needed: the layout comes from an empty (meta) model
-        model, tok = _meta_model(ckpt.directory), None
-    else:
-        tok = load_tokenizer(ckpt.directory)
-        model = load_causal_lm(ckpt.directory, device=default_device()).requires_grad_(False)
-    layout = residual_layout(model)
-    if direction_file is not None:
-        sel = load_direction(direction_file)
-        d_model = module(model, layout.embeddings[0]).weight.shape[-1]  # type: ignore[index]  # an Embedding
-        if sel.direction.numel() != d_model:
-            raise MismatchError(f"{direction_file} holds a direction of size {sel.direction.numel()}, the model's "
-                                f"hidden size is {d_model}: it was computed on another model")
-        if layer is not None:
-            sel.layer = layer
-        if not 0 <= sel.layer < layout.n_layers:
-            raise MismatchError(f"the direction's layer {sel.layer} does not exist in this {layout.n_layers}-layer model")
-        sel.n_layers = layout.n_layers
-    else:
-        if not harmful or not harmless:
-            raise DataError("give harmful and harmless prompts (or --direction FILE to reuse a saved direction)")
-        sel = select_direction(model, tok, harmful, harmless, layer=layer, pos=pos, kl_limit=kl_limit,
-                               refusal_phrases=refusal_phrases, seed=seed, batch_size=batch_size,
-                               steering_filter=steering_filter, progress=progress)
-    del model
-
-    names = ckpt.names()
-    new_tensors: dict[str, torch.Tensor] = {}
-    new_cfg = None
-    site = None
-    if mode == "ablate":
-        plan = ablation_plan(layout, names)
-    else:
-        vector = coeff * sel.mean_diff
-        site, new_tensors, plan, new_cfg = _addition_tensors(ckpt, cfg, layout, sel.layer, vector, add_site)
-    run_params = {"mode": mode, "layer": sel.layer, "pos": sel.pos, "coeff": coeff if mode == "add" else None,
-                  "kl_limit": kl_limit, "steering_filter": steering_filter, "seed": seed, "site": site,
-                  **(params or {})}
-    meta = provenance("direction", run_params, {"model": ckpt, **(inputs or {})})
-    result = DirectionResult(
-        out=str(out), direction_file=str(out / DIRECTION_FILE), mode=mode, layer=sel.layer, pos=sel.pos,
-        coeff=coeff if mode == "add" else None, site=site, edited=sorted(plan), added=sorted(new_tensors),
-        baseline_refusal=_finite(sel.baseline_refusal), ablated_refusal=_finite(sel.ablated_refusal),
-        harmless_kl=_finite(sel.harmless_kl), candidates=sel.candidates, seconds=0.0)
-    specs = [TensorSpec.like(n, ckpt.info(n)) for n in names] + [TensorSpec.like(n, t) for n, t in new_tensors.items()]
-    extra: dict[str, str | bytes] = {}
-    if new_cfg is not None:
-        extra["config.json"] = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
-    with tempfile.TemporaryDirectory() as td:
-        dpath = save_direction(Path(td) / DIRECTION_FILE, sel, meta)
-        extra[DIRECTION_FILE] = dpath.read_bytes()
-    from surgery.progress import track
-
-    with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files(), extra_files=extra, inputs=guarded) as writer:
-        for name in track(names, description="write model") if progress else names:
-            t = ckpt.get(name)
-            kind = plan.get(name)
-            if kind in ("out_first", "out_last", "bias"):
-                t = ablate_weight(t, sel.direction, kind)
-            elif kind == "add":
-                t = (t.float() + (coeff * sel.mean_diff).to(t.device)).to(t.dtype)
-            elif kind == "add_rows":
-                t = (t.float() + (coeff * sel.mean_diff).to(t.device).unsqueeze(0)).to(t.dtype)
-            writer.write(name, t)
-        for name, t in new_tensors.items():
-            writer.write(name, t)
-        result.seconds = time.perf_counter() - start
-        writer.extra_files[REPORT_FILE] = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-    return result
 
 
 def _meta_model(model_dir: Path) -> torch.nn.Module:

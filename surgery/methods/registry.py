@@ -40,6 +40,8 @@ ROLES: dict[str, str] = {
     "mask": "a neuron mask written by `surgery neurons find`",
     "module": "a SaLoRA module written by `surgery salora fit`",
     "other": "a second model to compare with",
+    "direction": "a refusal direction written by `surgery edit direction`",
+    "corpus": "a text corpus, JSONL {text} or {prompt, response}",
 }
 
 
@@ -121,10 +123,12 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
                "surgery attack finetune", needs=("model", "task"), optional=("harmful",), writes="adapter",
                docs="docs/methods/finetune.md", demo="attacks", reference="Qi et al. 2023"),
     MethodSpec("rome", "attack", "a rank-one edit of one MLP (ROME)",
-               "surgery edit rome", needs=("model",),
+               "surgery edit rome", needs=("model",), optional=("corpus",),
+               config=_M + "rome:RomeConfig", run=_M + "rome:run",
                docs="docs/methods/rome.md", demo="attacks", reference="Meng et al. 2022 (ROME)"),
     MethodSpec("direction", "attack", "ablate (or add) the refusal direction in the weights",
-               "surgery edit direction", needs=("model", "harmful", "harmless"),
+               "surgery edit direction", needs=("model",), optional=("harmful", "harmless", "direction"),
+               config=_M + "direction:DirectionConfig", run=_M + "direction:run",
                docs="docs/methods/direction.md", demo="attacks", reference="Arditi et al. 2024"),
     MethodSpec("diff", "analysis", "where two models differ: per tensor and per subspace",
                "surgery diff", needs=("model", "other"), optional=("base", "adapter"), writes="report",

@@ -27,12 +27,12 @@ small corpus. Our own code from the paper's formulas.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,18 @@ import torch
 
 from surgery.errors import DataError, InputNotFoundError, SurgeryError
 from surgery.io.jsonl import read_jsonl
+from surgery.methods.config import ConfigError, MethodConfig, Runtime, option
 from surgery.model.encoding import pad_id, right_pad, text_ids
 from surgery.model.layout import Layout, module, residual_layout
 from surgery.model.load import default_device, load_causal_lm, load_tokenizer
 from surgery.model.scoring import kl_divergence, model_device, sequence_logprobs
+from surgery.report import Report
 
-REPORT_FILE = "surgery_edit.json"
+__all__ = ["RomeConfig", "run", "rome_edit", "rome_vectors", "tokenize_fact", "parse_prefixes", "read_texts",
+           "load_vectors", "VECTORS_FILE"]
+
 DEFAULT_PREFIXES: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, count), as ROME
+VECTORS_FILE = "rome_vectors.safetensors"  # k*, v*, u, v, delta of the edit (fp32), beside the weights
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def tokenize_fact(tokenizer: Any, prompt: str, subject: str, target: str) -> Fac
     word-piece tokenizers see it as the next word.
     """
     if not subject.strip() or not target.strip():
-        raise DataError("ROME needs a non-empty --subject and --target")
+        raise DataError("ROME needs a non-empty subject and target")
     text = prompt.replace("{}", subject, 1) if "{}" in prompt else prompt
     at = prompt.index("{}") if "{}" in prompt else prompt.find(subject)
     if at < 0:
@@ -246,7 +251,7 @@ def rome_vectors(W: torch.Tensor, k: torch.Tensor, v_star: torch.Tensor,
         c = torch.linalg.solve(Cd + lam * torch.eye(Cd.shape[0], dtype=torch.float64, device=Cd.device), kd)
     denom = float(c @ kd)
     if not math.isfinite(denom) or abs(denom) < 1e-20:
-        raise SurgeryError("the key k* is (numerically) zero in the covariance metric: pick another layer or --no-cov")
+        raise SurgeryError("the key k* is (numerically) zero in the covariance metric: pick another layer or no_cov")
     u = vd - Wd @ kd
     return u.float(), (c / denom).float()
 
@@ -356,94 +361,95 @@ def target_stats(model: torch.nn.Module, start: Sequence[int], fact: Fact) -> tu
     return float(lp.exp()), float(acc)
 
 
-# --- the driver ---------------------------------------------------------------------------------------
+# --- config and driver ---------------------------------------------------------------------------------
 
 
-@dataclass
-class RomeResult:
-    """What `rome_edit` did and measured: efficacy (target probability) and locality (KL)."""
-
-    out: str
-    tensor: str
-    layer: int
-    prompt: str
-    subject: str
-    target: str
-    target_prob_before: float
-    target_prob_after: float
-    target_acc_before: float
-    target_acc_after: float
-    locality_kl: float
-    n_locality: int
-    delta_norm: float
-    v0_norm: float
-    steps: int
-    losses: list[float]
-    covariance: str  # "identity", "computed" or "cached"
-    cov_tokens: int | None
-    cov_path: str | None
-    n_prefixes: int
-    seconds: float
-    settings: dict[str, Any] = field(default_factory=dict)
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # k_star, v_star, u, v (fp32)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (without the vectors)."""
-        d = asdict(self)
-        d.pop("vectors")
-        return d
+def parse_prefixes(items: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """`("5x10", "10x10")` -> ((5, 10), (10, 10)); `()` or `("none",)` -> () (the bare prompt only)."""
+    if all(i.strip().lower() in ("", "none", "0") for i in items):
+        return ()
+    spec = []
+    for part in items:
+        try:
+            length, count = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"rome: prefixes takes LENGTHxCOUNT items like 5x10,10x10, got {part!r}") from None
+        if length < 0 or count < 0:
+            raise ConfigError(f"rome: prefixes lengths and counts must be non-negative, got {part!r}")
+        spec.append((length, count))
+    return tuple(spec)
 
 
-def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: str, target: str,
-              layer: int | None = None, cov_data: str | Path | None = None, no_cov: bool = False,
-              steps: int = 25, lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 1e-3,
-              clamp_norm_factor: float = 4.0, prefixes: Sequence[tuple[int, int]] = DEFAULT_PREFIXES,
-              seed: int = 0, cov_samples: int = 1000, cov_max_length: int = 128,
-              cache_dir: str | Path | None = None, ridge: float = 1e-4,
-              locality_prompts: Sequence[str] | None = None, shard_size: int | None = None,
-              force: bool = False, progress: bool = True) -> RomeResult:
-    """Edit `model_dir` so that `prompt` (about `subject`) continues with `target`; write `out`.
+@dataclass(frozen=True, kw_only=True)
+class RomeConfig(MethodConfig):
+    """ROME's options; defaults are the paper's (25 Adam steps, lr 0.5, KL factor 0.0625, 5x10 and 10x10 prefixes)."""
 
-    `cov_data` is a JSONL corpus for C; without it (or with `no_cov=True`) C = I. The
-    result records the target probability before and after on the bare prompt and the
-    mean next-token KL(before || after) on unrelated prompts (`locality_prompts`, else
-    the first 16 corpus texts, else the sampled context prefixes).
+    method = "rome"
+    prompt: str = option(help='Prompt about the subject; "{}" marks the subject (else it is found).')
+    subject: str = option(help="The subject whose last token carries the key.")
+    target: str = option(help="The new continuation to teach.")
+    layer: int | None = option(None, "Layer whose MLP down projection is edited (default about 0.17 L).", low=0)
+    no_cov: bool = option(False, "Use C = I (EasyEdit's mom2_adjustment=false); the default without a corpus.")
+    cov_samples: int = option(1000, "Corpus lines used for C.", low=1)
+    cov_max_length: int = option(128, "Tokens per corpus line used for C.", low=1)
+    steps: int = option(25, "Adam steps on the value vector.", low=0)
+    lr: float = option(0.5, "Adam learning rate of the value vector.", low=0.0, low_open=True)
+    kl_factor: float = option(0.0625, "Weight of the KL term that keeps \"{subject} is a\" unchanged.", low=0.0)
+    weight_decay: float = option(1e-3, "Weight of ||delta||^2 / ||W k*||^2 in the loss.", low=0.0)
+    clamp_norm_factor: float = option(4.0, "||delta|| is clamped to this multiple of ||W k*||.", low=0.0,
+                                      low_open=True)
+    prefixes: tuple[str, ...] = option(("5x10", "10x10"), "Context prefixes sampled from the model: LENGTHxCOUNT,... "
+                                                          "('none' for the bare prompt only).")
+    seed: int = option(0, "Seed of the prefix sampling.")
+    ridge: float = option(1e-4, "Relative ridge added to C (times its mean diagonal) to keep it invertible.", low=0.0)
+
+    def validate(self) -> None:
+        parse_prefixes(self.prefixes)
+
+
+def run(config: RomeConfig, inputs: Mapping[str, Any], out: str | Path, runtime: Runtime = Runtime(), *,
+        cache_dir: str | Path | None = None, locality_prompts: Sequence[str] | None = None) -> Report:
+    """Edit `inputs["model"]` so that `config.prompt` (about `subject`) continues with `target`; write `out`.
+
+    `inputs["corpus"]` is a JSONL corpus for C (cached in `cache_dir`); without it (or with
+    `no_cov`) C = I. `report.metrics` records the target probability before and after on the
+    bare prompt and the mean next-token KL(before || after) on unrelated prompts
+    (`locality_prompts`, else the first 16 corpus texts, else the sampled context prefixes);
+    k*, v*, u, v and delta are written beside the weights as `rome_vectors.safetensors`.
     """
     from surgery.io.atomic import check_no_overlap, check_output
     from surgery.io.checkpoint import Checkpoint
     from surgery.io.provenance import provenance
-    from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec
+    from surgery.io.writer import write_tensors
     from surgery.kernels import rank_one_update_
+    from surgery.pipeline.rewrite import rewrite_checkpoint
 
     t0 = time.perf_counter()
-    if cov_data is not None and no_cov:
-        raise SurgeryError("--cov-data and --no-cov exclude each other: pick one")
-    if steps < 0 or lr <= 0 or clamp_norm_factor <= 0:
-        raise SurgeryError("--steps must be >= 0, --lr and --clamp-norm-factor positive")
-    out = Path(out)
-    guarded = {"MODEL": model_dir, "--cov-data": cov_data}
-    check_output(out, force, guarded)
+    cov_data = inputs.get("corpus")
+    if cov_data is not None and config.no_cov:
+        raise ConfigError("rome: a covariance corpus and no_cov exclude each other: pick one")
+    check_output(out, runtime.force, inputs)
     if cache_dir is not None:  # the covariance cache is written there: never into an input
-        check_no_overlap(cache_dir, guarded)
-    ckpt = Checkpoint.open(model_dir)
+        check_no_overlap(cache_dir, inputs)
+    ckpt = Checkpoint.open(inputs["model"])
     if ckpt.directory is None or ckpt.config() is None:
-        raise InputNotFoundError(f"{model_dir} is not a Hugging Face model directory (needs config.json)")
-    torch.manual_seed(seed)
+        raise InputNotFoundError(f"{inputs['model']} is not a Hugging Face model directory (needs config.json)")
+    torch.manual_seed(config.seed)
     tok = load_tokenizer(ckpt.directory)
-    model = load_causal_lm(ckpt.directory, device=default_device()).requires_grad_(False)
+    model = load_causal_lm(ckpt.directory, device=default_device(runtime.device)).requires_grad_(False)
     layout = residual_layout(model)
     L = layout.n_layers
-    layer = default_layer(L) if layer is None else layer
+    layer = default_layer(L) if config.layer is None else config.layer
     if not 0 <= layer < L:
-        raise SurgeryError(f"--layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
+        raise ConfigError(f"rome: layer must be in [0, {L - 1}] for this {L}-layer model, got {layer}")
     name = f"{layout.mlp_out[layer]}.weight"
     if name not in ckpt:
         raise SurgeryError(f"the checkpoint has no tensor {name}: its names do not follow the model's")
-    fact = tokenize_fact(tok, prompt, subject, target)
-    kl_fact = tokenize_fact(tok, "{} is a", subject, "a")
+    fact = tokenize_fact(tok, config.prompt, config.subject, config.target)
+    kl_fact = tokenize_fact(tok, "{} is a", config.subject, "a")
     start = _start_ids(tok)
     pad = pad_id(tok)
-    prefix_ids = sample_prefixes(model, start, prefixes, seed, eos=tok.eos_token_id)
+    prefix_ids = sample_prefixes(model, start, parse_prefixes(config.prefixes), config.seed, eos=tok.eos_token_id)
     prefix_ids = [p for p in prefix_ids if p]
 
     # k*: mean key over the bare and prefixed prompts
@@ -460,8 +466,8 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     texts: list[str] = []
     if cov_data is not None:
         C, cov_tokens, path, hit = cached_covariance(model, tok, layout, layer, name, ckpt.fingerprint(), cov_data,
-                                                     limit=cov_samples, max_length=cov_max_length,
-                                                     cache_dir=cache_dir, progress=progress)
+                                                     limit=config.cov_samples, max_length=config.cov_max_length,
+                                                     cache_dir=cache_dir, progress=runtime.progress)
         cov_path, cov_kind = str(path), "cached" if hit else "computed"
         texts = read_texts(cov_data, 16)
 
@@ -469,7 +475,7 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     if locality_prompts:
         loc = [start + text_ids(tok, t) for t in locality_prompts]
     elif texts:
-        loc = [start + text_ids(tok, t)[:cov_max_length] for t in texts]
+        loc = [start + text_ids(tok, t)[:config.cov_max_length] for t in texts]
     else:
         loc = [list(start) + p for p in prefix_ids]
     loc = [s for s in loc if len(s) > 0]
@@ -477,60 +483,79 @@ def rome_edit(model_dir: str | Path, out: str | Path, *, prompt: str, subject: s
     p_before, acc_before = target_stats(model, start, fact)
 
     # v*
-    model.requires_grad_(False)
     from surgery.progress import Status
 
+    steps = config.steps
     with Status("ROME: optimising v*") as status:
         val = optimise_value(model, layout, layer, fact, prefix_ids, start, kl_fact.prompt_ids,
-                             kl_fact.subject_last, v0_norm, pad, steps=steps, lr=lr, kl_factor=kl_factor,
-                             weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
+                             kl_fact.subject_last, v0_norm, pad, steps=steps, lr=config.lr,
+                             kl_factor=config.kl_factor, weight_decay=config.weight_decay,
+                             clamp_norm_factor=config.clamp_norm_factor,
                              on_step=(lambda i, loss: status.update(f"step {i}/{steps} loss {loss:.3f}"))
-                             if progress else None)
+                             if runtime.progress else None)
     v_star = v0 + val.delta
-    u, v = rome_vectors(W, k_star, v_star, C, ridge)
+    u, v = rome_vectors(W, k_star, v_star, C, config.ridge)
+    transposed = layout.mlp_out[layer] in layout.transposed
+
+    def update_(t: torch.Tensor) -> None:
+        if transposed:
+            rank_one_update_(t, v.to(t.device), u.to(t.device))
+        else:
+            rank_one_update_(t, u.to(t.device), v.to(t.device))
 
     # apply in memory to measure, then stream the checkpoint with the same update
     proj = module(model, layout.mlp_out[layer])
     with torch.no_grad():
-        dev: torch.device = proj.weight.device  # type: ignore[assignment]  # a Linear/Conv1D weight
-        if layout.mlp_out[layer] in layout.transposed:
-            rank_one_update_(proj.weight.data, v.to(dev), u.to(dev))
-        else:
-            rank_one_update_(proj.weight.data, u.to(dev), v.to(dev))
+        update_(proj.weight.data)  # type: ignore[union-attr,arg-type]  # a Linear/Conv1D weight
     p_after, acc_after = target_stats(model, start, fact)
     after = sequence_logprobs(model, loc, pad) if loc else []
     locality = kl_divergence(torch.cat(before), torch.cat(after)) if loc else float("nan")
     del model
 
-    settings = {"steps": steps, "lr": lr, "kl_factor": kl_factor, "weight_decay": weight_decay,
-                "clamp_norm_factor": clamp_norm_factor, "prefixes": [list(p) for p in prefixes], "seed": seed,
-                "cov_samples": cov_samples, "cov_max_length": cov_max_length, "ridge": ridge,
-                "no_cov": cov_data is None}
-    result = RomeResult(
-        out=str(out), tensor=name, layer=layer, prompt=prompt, subject=subject, target=target,
-        target_prob_before=p_before, target_prob_after=p_after, target_acc_before=acc_before,
-        target_acc_after=acc_after, locality_kl=locality, n_locality=len(loc), delta_norm=float(val.delta.norm()),
-        v0_norm=v0_norm, steps=val.steps, losses=val.losses, covariance=cov_kind, cov_tokens=cov_tokens,
-        cov_path=cov_path, n_prefixes=len(prefix_ids), seconds=0.0, settings=settings,
-        vectors={"k_star": k_star, "v_star": v_star, "u": u, "v": v})
-    inputs: dict[str, Any] = {"model": ckpt}
-    if cov_data is not None:
-        inputs["cov_data"] = Path(cov_data)
-    meta = provenance("rome", {"prompt": prompt, "subject": subject, "target": target, "layer": layer, **settings},
-                      inputs)
-    names = ckpt.names()
-    specs = [TensorSpec.like(n, ckpt.info(n)) for n in names]
-    with CheckpointWriter(out, specs, shard_size=shard_size or DEFAULT_SHARD_SIZE, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files(), inputs=guarded) as writer:
-        for n in names:
-            t = ckpt.get(n)
-            if n == name:
-                t = t.clone()
-                if layout.mlp_out[layer] in layout.transposed:
-                    rank_one_update_(t, v.to(t.device), u.to(t.device))
-                else:
-                    rank_one_update_(t, u.to(t.device), v.to(t.device))
-            writer.write(n, t)
-        result.seconds = time.perf_counter() - t0
-        writer.extra_files[REPORT_FILE] = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-    return result
+    report = Report("rome", config.to_dict())
+    report.metrics = {
+        "tensor": name, "layer": layer, "target_prob_before": p_before, "target_prob_after": p_after,
+        "target_acc_before": acc_before, "target_acc_after": acc_after,
+        "locality_kl": locality if math.isfinite(locality) else None, "n_locality": len(loc),
+        "delta_norm": float(val.delta.norm()), "v0_norm": v0_norm, "k_norm": float(k_star.norm()),
+        "u_norm": float(u.norm()), "v_norm": float(v.norm()), "steps": val.steps, "losses": val.losses,
+        "nll": val.nll, "covariance": cov_kind, "cov_tokens": cov_tokens, "cov_path": cov_path,
+        "n_prefixes": len(prefix_ids), "vectors_file": str(Path(out) / VECTORS_FILE),
+    }
+    data = {"corpus": cov_data} if cov_data is not None else {}
+    vectors = {"k_star": k_star, "v_star": v_star, "u": u, "v": v, "delta": val.delta}
+    with tempfile.TemporaryDirectory() as td:
+        meta = {**provenance(report.method, report.config, {"model": ckpt, **data}), "tensor": name,
+                "layer": str(layer)}
+        vec_bytes = write_tensors(Path(td) / VECTORS_FILE, {k: t.contiguous() for k, t in vectors.items()},
+                                  metadata=meta).read_bytes()
+
+    def edit(_name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        update_(t)
+        return t
+
+    report.seconds["edit"] = time.perf_counter() - t0
+    return rewrite_checkpoint(ckpt, out, report, edit=edit, names={name}, inputs=data,
+                              extra_files={VECTORS_FILE: vec_bytes}, shard_size=runtime.shard_size,
+                              force=runtime.force, started=t0)
+
+
+def rome_edit(model: str | Path, out: str | Path, *, cov_data: str | Path | None = None,
+              prefixes: Sequence[tuple[int, int]] | Sequence[str] = DEFAULT_PREFIXES,
+              cache_dir: str | Path | None = None, locality_prompts: Sequence[str] | None = None,
+              runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run` with the config's fields as keyword arguments:
+    `rome_edit(model, out, prompt=P, subject=S, target=T, prefixes=((5, 10),), cov_data=corpus)`."""
+    items = tuple(p if isinstance(p, str) else f"{p[0]}x{p[1]}" for p in prefixes)
+    inputs = {"model": model} if cov_data is None else {"model": model, "corpus": cov_data}
+    return run(RomeConfig(prefixes=items, **options), inputs, out, runtime, cache_dir=cache_dir,
+               locality_prompts=locality_prompts)
+
+
+def load_vectors(path: str | Path) -> dict[str, torch.Tensor]:
+    """k_star, v_star, u, v, delta of an edit: the output directory or its `rome_vectors.safetensors`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    return load_file(str(p / VECTORS_FILE if p.is_dir() else p))

@@ -49,59 +49,65 @@ def finetune_rows(ctx: DemoContext) -> list[DemoRow]:
 
 def direction_rows(ctx: DemoContext) -> list[DemoRow]:
     """Refusal direction ablated from the aligned model, then added to the attacked model."""
-    from surgery.calib.data import load_prompts
     from surgery.io.merge import merge_adapter
-    from surgery.methods.direction import DIRECTION_FILE, refusal_direction_edit
+    from surgery.methods.config import Runtime
+    from surgery.methods.direction import DIRECTION_FILE, DirectionConfig
+    from surgery.methods.direction import run as direction
 
     tb = ctx.testbed
-    harmful = load_prompts(tb.file("harmful_train.jsonl"))
-    harmless = load_prompts(tb.file("utility.jsonl"))
+    runtime = Runtime(force=True, progress=False)
     abl = ctx.path("direction-ablated")
     with ctx.timer() as t:
-        res = refusal_direction_edit(tb.aligned, abl, mode="ablate", harmful=harmful, harmless=harmless,
-                                     layer=DIRECTION_LAYER, seed=ctx.seed, force=True, progress=False)
+        res = direction(DirectionConfig(mode="ablate", layer=DIRECTION_LAYER, seed=ctx.seed),
+                        {"model": tb.aligned, "harmful": tb.file("harmful_train.jsonl"),
+                         "harmless": tb.file("utility.jsonl")}, abl, runtime).metrics
     ev = ctx.evaluate(abl)
     rows = [DemoRow.from_eval(
         "aligned, direction ablated", "edit direction ablate", ev, seconds=t["seconds"],
-        note=f"--layer {res.layer} explicit (2-layer model: layer 0 diff is zero, auto selection rejects layer "
-             f"{res.layer} at KL limit 0.1), pos {res.pos}; refusal score {res.baseline_refusal:.2f}->"
-             f"{res.ablated_refusal:.2f}, harmless KL {_fmt(res.harmless_kl)}",
-        layer=res.layer, pos=res.pos, layer_explicit=True, baseline_refusal=res.baseline_refusal, ablated_refusal=res.ablated_refusal,
-        harmless_kl=res.harmless_kl)]
+        note=f"--layer {res['layer']} explicit (2-layer model: layer 0 diff is zero, auto selection rejects layer "
+             f"{res['layer']} at KL limit 0.1), pos {res['pos']}; refusal score {res['baseline_refusal']:.2f}->"
+             f"{res['ablated_refusal']:.2f}, harmless KL {_fmt(res['harmless_kl'])}",
+        layer=res["layer"], pos=res["pos"], layer_explicit=True, baseline_refusal=res["baseline_refusal"],
+        ablated_refusal=res["ablated_refusal"], harmless_kl=res["harmless_kl"])]
     merged = ctx.path("direction-attacked-merged")
     merge_adapter(tb.aligned, tb.attacked, merged, force=True)
     add = ctx.path("direction-added")
     with ctx.timer() as t:
-        res2 = refusal_direction_edit(merged, add, mode="add", direction_file=abl / DIRECTION_FILE, coeff=1.0,
-                                      force=True, progress=False)
+        res2 = direction(DirectionConfig(mode="add", coeff=1.0),
+                         {"model": merged, "direction": abl / DIRECTION_FILE}, add, runtime).metrics
     ev2 = ctx.evaluate(add)
     rows.append(DemoRow.from_eval(
         "attacked + direction added", "edit direction add coeff=1", ev2, seconds=t["seconds"],
-        note=f"aligned's direction, layer {res2.layer}, via {res2.site}", layer=res2.layer, site=res2.site))
+        note=f"aligned's direction, layer {res2['layer']}, via {res2['site']}", layer=res2["layer"],
+        site=res2["site"]))
     return rows
 
 
 def rome_rows(ctx: DemoContext) -> list[DemoRow]:
     """One ROME edit of the aligned model, with C from a local corpus and with C = I."""
-    from surgery.methods.rome import read_texts, rome_edit
+    from surgery.methods.config import Runtime
+    from surgery.methods.rome import RomeConfig, read_texts
+    from surgery.methods.rome import run as rome
 
     tb = ctx.testbed
     corpus = tb.file("utility.jsonl")
     locality = read_texts(corpus, 16)
+    config = RomeConfig(prompt=ROME_PROMPT, subject=ROME_SUBJECT, target=ROME_TARGET, seed=ctx.seed)
     rows = []
-    for label, kwargs in (("C from utility.jsonl", {"cov_data": corpus, "cache_dir": ctx.path("rome-cache")}),
-                          ("C = I", {"no_cov": True})):
-        out = ctx.path("rome-" + ("cov" if "cov_data" in kwargs else "identity"))
+    for label, no_cov in (("C from utility.jsonl", False), ("C = I", True)):
+        out = ctx.path("rome-" + ("identity" if no_cov else "cov"))
+        inputs = {"model": tb.aligned} if no_cov else {"model": tb.aligned, "corpus": corpus}
         with ctx.timer() as t:
-            r = rome_edit(tb.aligned, out, prompt=ROME_PROMPT, subject=ROME_SUBJECT, target=ROME_TARGET, seed=ctx.seed,
-                          locality_prompts=locality, force=True, progress=False, **kwargs)
+            r = rome(config.replace(no_cov=no_cov), inputs, out, Runtime(force=True, progress=False),
+                     cache_dir=None if no_cov else ctx.path("rome-cache"), locality_prompts=locality).metrics
         ev = ctx.evaluate(out)
         rows.append(DemoRow.from_eval(
             "aligned + ROME", f"edit rome ({label})", ev, seconds=t["seconds"],
-            note=f"P({ROME_TARGET}) {r.target_prob_before:.4f}->{r.target_prob_after:.4f}, "
-                 f"locality KL {r.locality_kl:.3f}",
-            target_prob_before=r.target_prob_before, target_prob_after=r.target_prob_after,
-            target_acc_after=r.target_acc_after, locality_kl=r.locality_kl, layer=r.layer, tensor=r.tensor))
+            note=f"P({ROME_TARGET}) {r['target_prob_before']:.4f}->{r['target_prob_after']:.4f}, "
+                 f"locality KL {r['locality_kl']:.3f}",
+            target_prob_before=r["target_prob_before"], target_prob_after=r["target_prob_after"],
+            target_acc_after=r["target_acc_after"], locality_kl=r["locality_kl"], layer=r["layer"],
+            tensor=r["tensor"]))
     return rows
 
 

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from surgery.errors import SurgeryError
+from surgery.methods.config import Runtime
 from surgery.methods.direction import (
     ablation_hooks,
     addition_hook,
@@ -98,16 +99,16 @@ def test_ablation_removes_direction_from_every_writer(tiny: Path, tmp_path: Path
 
     out = tmp_path / "abl"
     res = refusal_direction_edit(tiny, out, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, kl_limit=10.0,
-                                 progress=False)
+                                 runtime=Runtime(progress=False))
     d = load_direction(out / "refusal_direction.safetensors")
-    assert (d.layer, d.pos) == (res.layer, res.pos) and res.layer < 0.8 * 3
+    assert (d.layer, d.pos) == (res.metrics["layer"], res.metrics["pos"]) and res.metrics["layer"] < 0.8 * 3
     r = d.direction.double()
     assert abs(float(r.norm()) - 1) < 1e-6
     torch.testing.assert_close(d.direction, (d.mean_diff / d.mean_diff.norm()).float())
     src, dst = Checkpoint.open(tiny), Checkpoint.open(out)
     writers = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{m}.weight" for i in range(3)
                                                for m in ("self_attn.o_proj", "mlp.down_proj")]
-    assert sorted(res.edited) == sorted(writers)
+    assert sorted(res.metrics["edited"]) == sorted(writers)
     for name in src.names():
         W0, W1 = src.get(name).double(), dst.get(name).double()
         if name == "model.embed_tokens.weight":  # rows are written into the residual stream
@@ -125,10 +126,10 @@ def test_ablation_removes_direction_from_every_writer(tiny: Path, tmp_path: Path
     with torch.no_grad(), ablation_hooks(model, residual_layout(model), d.direction):
         hooked = model(input_ids=ids).logits
     torch.testing.assert_close(edited(input_ids=ids).logits, hooked, atol=1e-4, rtol=1e-4)
-    report = json.loads((out / "surgery_edit.json").read_text())
-    assert report["layer"] == res.layer and {"pos", "layer"} <= set(report["candidates"][0])
-    kept = [c for c in report["candidates"] if "discarded" not in c]
-    assert min(c["refusal_score"] for c in kept) == res.ablated_refusal
+    report = json.loads((out / "surgery_report.json").read_text())
+    assert report["metrics"]["layer"] == res.metrics["layer"] and {"pos", "layer"} <= set(report["metrics"]["candidates"][0])
+    kept = [c for c in report["metrics"]["candidates"] if "discarded" not in c]
+    assert min(c["refusal_score"] for c in kept) == res.metrics["ablated_refusal"]
 
 
 def test_gpt2_conv1d_position_embeddings_and_biases(tmp_path: Path) -> None:
@@ -137,18 +138,18 @@ def test_gpt2_conv1d_position_embeddings_and_biases(tmp_path: Path) -> None:
     src_dir = make_tiny(tmp_path / "gpt2", "gpt2", layers=2)
     out = tmp_path / "abl"
     res = refusal_direction_edit(src_dir, out, mode="ablate", harmful=HARMFUL[:6], harmless=HARMLESS[:6], layer=1,
-                                 progress=False)
+                                 runtime=Runtime(progress=False))
     r = load_direction(out / "refusal_direction.safetensors").direction.double()
     dst = Checkpoint.open(out)
-    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_proj.bias"} <= set(res.edited)
-    for name in res.edited:
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_proj.bias"} <= set(res.metrics["edited"])
+    for name in res.metrics["edited"]:
         W = dst.get(name).double()
         assert float((W @ r).abs().max()) < 1e-6, name  # Conv1D [d_in, d_out], embeddings, biases: last dim
     # addition goes into the existing c_proj bias of the previous block
     add = refusal_direction_edit(src_dir, tmp_path / "add", mode="add", direction_file=out / "refusal_direction.safetensors",
-                                 progress=False)
+                                 runtime=Runtime(progress=False))
     d = load_direction(out / "refusal_direction.safetensors")
-    assert add.site == "bias" and add.edited == ["transformer.h.0.mlp.c_proj.bias"] and not add.added
+    assert add.metrics["site"] == "bias" and add.metrics["edited"] == ["transformer.h.0.mlp.c_proj.bias"] and not add.metrics["added"]
     name = "transformer.h.0.mlp.c_proj.bias"
     torch.testing.assert_close(Checkpoint.open(tmp_path / "add").get(name), Checkpoint.open(src_dir).get(name) + d.mean_diff)
 
@@ -157,12 +158,12 @@ def test_add_puts_mean_difference_into_a_new_mlp_bias(tiny: Path, tmp_path: Path
     from surgery.io.checkpoint import Checkpoint
 
     abl = tmp_path / "abl"
-    refusal_direction_edit(tiny, abl, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=2, progress=False)
+    refusal_direction_edit(tiny, abl, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=2, runtime=Runtime(progress=False))
     out = tmp_path / "add"
     res = refusal_direction_edit(tiny, out, mode="add", direction_file=abl / "refusal_direction.safetensors",
-                                 coeff=2.0, progress=False)
+                                 coeff=2.0, runtime=Runtime(progress=False))
     d = load_direction(abl / "refusal_direction.safetensors")
-    assert (res.layer, res.site) == (2, "mlp_bias")
+    assert (res.metrics["layer"], res.metrics["site"]) == (2, "mlp_bias")
     assert json.loads((out / "config.json").read_text())["mlp_bias"] is True
     ck = Checkpoint.open(out)
     torch.testing.assert_close(ck.get("model.layers.1.mlp.down_proj.bias"), 2.0 * d.mean_diff)
@@ -187,7 +188,7 @@ def test_cli_direction_and_bad_inputs(tiny: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["edit", "direction", str(tiny), "--harmful", str(h), "--harmless", str(b),
                                  "--mode", "ablate", "--kl-limit", "10", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["mode"] == "ablate" and (out / "refusal_direction.safetensors").is_file()
+    assert json.loads(r.stdout)["metrics"]["mode"] == "ablate" and (out / "refusal_direction.safetensors").is_file()
     bad = tmp_path / "bad"
     cases = [["--harmful", str(h), "--mode", "ablate"],  # no harmless
              ["--harmful", str(h), "--harmless", str(b), "--mode", "ablate", "--layer", "9"],
@@ -237,14 +238,14 @@ def test_add_at_layer_zero_goes_through_the_embedding(tiny: Path, tmp_path: Path
     from surgery.io.checkpoint import Checkpoint
 
     abl = tmp_path / "abl"
-    refusal_direction_edit(tiny, abl, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=1, progress=False)
+    refusal_direction_edit(tiny, abl, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=1, runtime=Runtime(progress=False))
     with pytest.raises(SurgeryError, match="layer 0"):  # the same template token everywhere: zero difference
         refusal_direction_edit(tiny, tmp_path / "x", mode="add", harmful=HARMFUL, harmless=HARMLESS, layer=0,
-                               progress=False)
+                               runtime=Runtime(progress=False))
     out = tmp_path / "add0"
     res = refusal_direction_edit(tiny, out, mode="add", direction_file=abl / "refusal_direction.safetensors",
-                                 layer=0, coeff=0.5, progress=False)
-    assert res.site == "embedding" and res.edited == ["model.embed_tokens.weight"]
+                                 layer=0, coeff=0.5, runtime=Runtime(progress=False))
+    assert res.metrics["site"] == "embedding" and res.metrics["edited"] == ["model.embed_tokens.weight"]
     d = load_direction(out / "refusal_direction.safetensors")
     E0, E1 = Checkpoint.open(tiny).get("model.embed_tokens.weight"), Checkpoint.open(out).get("model.embed_tokens.weight")
     torch.testing.assert_close(E1, E0 + 0.5 * d.mean_diff)
@@ -280,9 +281,9 @@ def test_testbed_ablation_raises_and_addition_lowers_harmful_score(quick_testbed
 def test_filtered_out_error_names_each_candidate_kl(tiny: Path, tmp_path: Path) -> None:
     """When selection keeps nothing, the message says what each candidate scored, so the user can choose."""
     with pytest.raises(SurgeryError, match=r"filtered out .*layer [12] pos -1: harmless KL [0-9.e-]+.*1 with zero "
-                                           r"difference.*--kl-limit") as exc:
+                                           r"difference.*kl_limit") as exc:
         refusal_direction_edit(tiny, tmp_path / "x", mode="ablate", harmful=HARMFUL, harmless=HARMLESS,
-                               kl_limit=0.0, progress=False)
+                               kl_limit=0.0, runtime=Runtime(progress=False))
     assert "layer 1 pos -1: harmless KL" in str(exc.value) and "layer 2 pos -1: harmless KL" in str(exc.value)
     assert not (tmp_path / "x").exists()
 
@@ -305,6 +306,6 @@ def test_attack_rows_go_on_when_one_group_fails(monkeypatch: pytest.MonkeyPatch)
 def test_same_inputs_same_bytes(tiny: Path, tmp_path: Path) -> None:
     for name in ("a", "b"):
         refusal_direction_edit(tiny, tmp_path / name, mode="ablate", harmful=HARMFUL, harmless=HARMLESS, layer=1,
-                               progress=False)
+                               runtime=Runtime(progress=False))
     for f in ("model.safetensors", "refusal_direction.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from surgery.errors import DataError, SurgeryError
-from surgery.methods.rome import rome_edit, rome_vectors, tokenize_fact
+from surgery.methods.config import Runtime
+from surgery.methods.rome import load_vectors, rome_edit, rome_vectors, tokenize_fact
 
 PROMPT = "<|user|> where can i see a {} <|assistant|>"
 
@@ -104,13 +105,14 @@ def test_edit_writes_only_the_edited_tensor_and_maps_k_to_v(tiny: Path, tmp_path
 
     out = tmp_path / "edited"
     res = rome_edit(tiny, out, prompt=PROMPT, subject="cake", target="forest", layer=0, no_cov=True, prefixes=(),
-                    steps=10, progress=False)
+                    steps=10, runtime=Runtime(progress=False))
     src, dst = Checkpoint.open(tiny), Checkpoint.open(out)
     assert src.names() == dst.names()
     changed = [n for n in src.names() if not torch.equal(src.get(n), dst.get(n))]
-    assert changed == ["model.layers.0.mlp.down_proj.weight"] == [res.tensor]
-    k, v_star = res.vectors["k_star"], res.vectors["v_star"]
-    W_new = dst.get(res.tensor).float()
+    assert changed == ["model.layers.0.mlp.down_proj.weight"] == [res.metrics["tensor"]]
+    vectors = load_vectors(out)
+    k, v_star = vectors["k_star"], vectors["v_star"]
+    W_new = dst.get(res.metrics["tensor"]).float()
     torch.testing.assert_close(W_new @ k, v_star, atol=1e-5, rtol=1e-4)
     # k* is the down projection's input at the subject's last token (no prefixes: the bare prompt)
     tok = AutoTokenizer.from_pretrained(tiny)
@@ -118,11 +120,11 @@ def test_edit_writes_only_the_edited_tensor_and_maps_k_to_v(tiny: Path, tmp_path
     fact = tokenize_fact(tok, PROMPT, "cake", "forest")
     ids = [tok.bos_token_id] + fact.prompt_ids
     torch.testing.assert_close(k, _down_proj_input(model, ids, 1 + fact.subject_last, 0), atol=1e-6, rtol=1e-5)
-    assert res.target_prob_after > 1.5 * res.target_prob_before  # efficacy
-    assert res.n_locality == 0  # no prefixes, no corpus: nothing to measure locality on
+    assert res.metrics["target_prob_after"] > 1.5 * res.metrics["target_prob_before"]  # efficacy
+    assert res.metrics["n_locality"] == 0  # no prefixes, no corpus: nothing to measure locality on
     meta = dst.metadata()
     assert meta["surgery.method"] == "rome" and json.loads(meta["surgery.params"])["subject"] == "cake"
-    assert json.loads((out / "surgery_edit.json").read_text())["tensor"] == res.tensor
+    assert json.loads((out / "surgery_report.json").read_text())["metrics"]["tensor"] == res.metrics["tensor"]
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
@@ -133,12 +135,12 @@ def test_covariance_is_cached_and_used(tiny: Path, corpus: Path, tmp_path: Path)
 
     cache = tmp_path / "cache"
     kw = dict(prompt=PROMPT, subject="cake", target="forest", layer=0, cov_data=corpus, cache_dir=cache,
-              prefixes=((3, 2),), steps=3, progress=False, ridge=0.0)
+              prefixes=((3, 2),), steps=3, runtime=Runtime(progress=False), ridge=0.0)
     first = rome_edit(tiny, tmp_path / "a", **kw)
     second = rome_edit(tiny, tmp_path / "b", **kw)
-    assert (first.covariance, second.covariance) == ("computed", "cached")
-    assert first.cov_path == second.cov_path and Path(first.cov_path).parent == cache
-    assert first.n_prefixes == 2
+    assert (first.metrics["covariance"], second.metrics["covariance"]) == ("computed", "cached")
+    assert first.metrics["cov_path"] == second.metrics["cov_path"] and Path(first.metrics["cov_path"]).parent == cache
+    assert first.metrics["n_prefixes"] == 2
     # C = mean over every corpus token of k k^T, computed text by text
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
@@ -149,12 +151,12 @@ def test_covariance_is_cached_and_used(tiny: Path, corpus: Path, tmp_path: Path)
             k = _down_proj_input(model, ids, p, 0).double()
             total += torch.outer(k, k)
             count += 1
-    assert first.cov_tokens == count
+    assert first.metrics["cov_tokens"] == count
     C = total / count
-    k, u, v = (first.vectors[n].double() for n in ("k_star", "u", "v"))
+    k, u, v = (load_vectors(tmp_path / "a")[n].double() for n in ("k_star", "u", "v"))
     expected_v = torch.linalg.solve(C, k) / (torch.linalg.solve(C, k) @ k)
     torch.testing.assert_close(v, expected_v, atol=1e-3 * float(expected_v.abs().max()), rtol=1e-3)
-    assert first.locality_kl >= 0 and first.n_locality == 16
+    assert first.metrics["locality_kl"] >= 0 and first.metrics["n_locality"] == 16
 
 
 def test_cli_rome_json_and_bad_input(tiny: Path, tmp_path: Path) -> None:
@@ -166,7 +168,8 @@ def test_cli_rome_json_and_bad_input(tiny: Path, tmp_path: Path) -> None:
                             "forest", "--prefixes", "2x2", "--steps", "2", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["layer"] == 0 and d["covariance"] == "identity" and d["n_prefixes"] <= 2
+    m = d["metrics"]
+    assert m["layer"] == 0 and m["covariance"] == "identity" and m["n_prefixes"] <= 2
     assert out.is_dir()
     from surgery.cli.main import main
 
@@ -199,21 +202,22 @@ def test_gpt2_conv1d_layout(tmp_path: Path) -> None:
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     tf.GPT2LMHeadModel(cfg).save_pretrained(src)
     res = rome_edit(src, tmp_path / "out", prompt=PROMPT, subject="cake", target="forest", no_cov=True,
-                    prefixes=((2, 2),), steps=3, progress=False)
-    assert res.tensor == "transformer.h.0.mlp.c_proj.weight"
-    W = Checkpoint.open(tmp_path / "out").get(res.tensor).float()
+                    prefixes=((2, 2),), steps=3, runtime=Runtime(progress=False))
+    assert res.metrics["tensor"] == "transformer.h.0.mlp.c_proj.weight"
+    W = Checkpoint.open(tmp_path / "out").get(res.metrics["tensor"]).float()
     assert W.shape == (128, 32)
-    torch.testing.assert_close(W.T @ res.vectors["k_star"], res.vectors["v_star"], atol=1e-5, rtol=1e-4)
+    vectors = load_vectors(tmp_path / "out")
+    torch.testing.assert_close(W.T @ vectors["k_star"], vectors["v_star"], atol=1e-5, rtol=1e-4)
 
 
 def test_same_inputs_same_bytes_and_cache_follows_the_corpus(tiny: Path, corpus: Path, tmp_path: Path) -> None:
     kw = dict(prompt=PROMPT, subject="cake", target="forest", cov_data=corpus, cache_dir=tmp_path / "cache",
-              prefixes=((3, 2),), steps=3, progress=False)
+              prefixes=((3, 2),), steps=3, runtime=Runtime(progress=False))
     a = rome_edit(tiny, tmp_path / "a", **kw)
     b = rome_edit(tiny, tmp_path / "b", **kw)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-    assert (a.covariance, b.covariance) == ("computed", "cached")
+    assert (a.metrics["covariance"], b.metrics["covariance"]) == ("computed", "cached")
     changed = tmp_path / "cov2.jsonl"
     changed.write_text(corpus.read_text() + json.dumps({"text": "the fox is in the forest"}) + "\n")
     c = rome_edit(tiny, tmp_path / "c", **{**kw, "cov_data": changed})
-    assert c.covariance == "computed" and c.cov_path != a.cov_path and c.cov_tokens > a.cov_tokens
+    assert c.metrics["covariance"] == "computed" and c.metrics["cov_path"] != a.metrics["cov_path"] and c.metrics["cov_tokens"] > a.metrics["cov_tokens"]
