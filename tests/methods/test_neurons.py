@@ -140,12 +140,12 @@ def test_find_matches_independent_computation(setup, tmp_path: Path, score: str)
         total += int(expected.sum())
     assert report.selected == sum(int(m.sum()) for m in got.values())
     assert abs(report.selected - total) <= 0.01 * total + 4
-    assert 0 < report.sparsity < q
+    assert 0 < report.metrics["sparsity"] < q
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         md = f.metadata()
-    assert md["surgery.method"] == "neurons" and json.loads(md["surgery.params"])["score"] == score
+    assert md["surgery.method"] == "neurons-find" and json.loads(md["surgery.params"])["score"] == score
 
 
 def test_sign_pitfall_negated_scores_give_near_empty_sets(setup) -> None:
@@ -229,11 +229,11 @@ def test_cli_find_apply(setup, tmp_path: Path) -> None:
                               "--targets", "q_proj,v_proj", "-o", str(mask), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert len(out["tensors"]) == 4 and 0 < out["sparsity"] < 0.2
+    assert len(out["tensors"]) == 4 and 0 < out["metrics"]["sparsity"] < 0.2
     res = runner.invoke(cli, ["neurons", "apply", str(setup["model"]), "--mask", str(mask), "--mode", "zero",
                               "-o", str(tmp_path / "z"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["selected"] == out["selected"]
+    assert json.loads(res.stdout)["totals"]["selected"] == out["totals"]["selected"]
     res = runner.invoke(cli, ["neurons", "find", str(setup["model"]), "--safety", str(setup["safety"]),
                               "--utility", str(setup["utility"]), "--p", "1.5", "--q", "0.2", "-o", str(tmp_path / "n")])
     assert res.exit_code != 0 and not (tmp_path / "n").exists()
