@@ -265,3 +265,32 @@ def test_snip_layer_by_layer_equals_whole_model(setup, tmp_path: Path) -> None:
     groups = layer_groups(mods, 1)
     assert [sorted(g) for g in groups] == [["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
                                            ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]]
+
+
+def test_config_errors_name_fields_and_reports_are_stored(setup, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from surgery.methods.config import ConfigError
+    from surgery.methods.neurons import NeuronsApplyConfig, NeuronsFindConfig
+    from surgery.report import REPORT_FILE, Report
+
+    with pytest.raises(ConfigError, match=r"neurons-find: p must lie in \[0, 1\]"):
+        NeuronsFindConfig(p=1.5, q=0.2)
+    with pytest.raises(ConfigError, match="neurons-apply: mode must be one of zero, restore"):
+        NeuronsApplyConfig(mode="erase")  # type: ignore[arg-type]
+    mask = tmp_path / "m.safetensors"
+    found = find_neurons(setup["model"], setup["safety"], setup["utility"], mask, p=0.1, q=0.3, targets=["q_proj"])
+    masks = load_file(str(mask))
+    with safe_open(str(mask), "pt") as f:
+        stored = json.loads(f.metadata()["surgery.report"])
+    assert stored["totals"]["selected"] == found.selected == sum(int(m.sum()) for m in masks.values())
+    assert stored["metrics"]["sparsity"] == found.metrics["sparsity"]
+    assert stored["config"]["p"] == 0.1 and stored["config"]["targets"] == ["q_proj"]
+    applied = apply_neurons(setup["model"], mask, tmp_path / "z", mode="zero")
+    on_disk = Report.load(tmp_path / "z" / REPORT_FILE)
+    orig = load_file(str(setup["model"] / "model.safetensors"))
+    assert on_disk.metrics == {"tensors": len(orig), "masked_tensors": 2} == applied.metrics
+    assert on_disk.selected == found.selected
+    # changed: masked entries that were not zero already (by hand, from the original weights)
+    assert on_disk.changed == sum(int((orig[k][m] != 0).sum()) for k, m in masks.items())
+    assert {t.name for t in on_disk.tensors} == set(masks)

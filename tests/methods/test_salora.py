@@ -235,3 +235,29 @@ def test_task_specific_init(setup, tmp_path: Path) -> None:
     U = load_module(module)[path].double()
     dW = merged.get_submodule(path).weight.detach().double() - W
     assert float(dW.abs().max()) > 1e-4 and float((U.T @ dW).abs().max()) < 1e-5
+
+
+def test_reports_are_stored_and_config_errors_name_fields(setup, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from surgery.methods.config import ConfigError
+    from surgery.methods.salora import SaloraFitConfig
+    from surgery.report import REPORT_FILE, Report
+
+    with pytest.raises(ConfigError, match=r"salora-fit: rank must lie in \[1, inf\)"):
+        SaloraFitConfig(rank=0)
+    with pytest.raises(ConfigError, match="salora-fit: solver must be one of"):
+        SaloraFitConfig(rank=2, solver="svd")  # type: ignore[arg-type]
+    with safe_open(str(setup["module"]), "pt") as f:
+        stored = json.loads(f.metadata()["surgery.report"])
+    assert stored["config"]["rank"] == RANK and len(stored["metrics"]["modules"]) == 4
+    Us = load_module(setup["module"])
+    assert {m["module"] for m in stored["metrics"]["modules"]} == set(Us)
+    adapter = make_adapter(setup["model"], tmp_path / "a", target_modules=["q_proj", "k_proj"])
+    report = apply_salora(adapter, setup["module"], tmp_path / "o")
+    on_disk = Report.load(tmp_path / "o" / REPORT_FILE)
+    assert on_disk.metrics["folded"] == report.metrics["folded"] == sorted(p for p in Us if "q_proj" in p)
+    assert len(on_disk.metrics["unprotected"]) == 2
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "o" / "adapter_model.safetensors"))
+    assert on_disk.changed == sum(int((after[t.name] != before[t.name]).sum()) for t in on_disk.tensors) > 0
