@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,12 +36,18 @@ from surgery.errors import InputNotFoundError, MismatchError, SurgeryError
 from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
-from surgery.io.writer import DEFAULT_SHARD_SIZE, CheckpointWriter, TensorSpec, write_tensors
+from surgery.io.writer import write_tensors
 from surgery.kernels.setdiff_mask import setdiff_mask
 from surgery.kernels.wanda_score import wanda_score
+from surgery.methods.config import MethodConfig, Runtime, option
 from surgery.model.layout import layer_index, strip_peft_prefix
 from surgery.model.load import load_causal_lm, load_tokenizer, model_directory
+from surgery.pipeline.rewrite import input_records, rewrite_checkpoint
 from surgery.progress import track
+from surgery.report import Report, TensorChange
+
+__all__ = ["NeuronsFindConfig", "NeuronsApplyConfig", "run_find", "run_apply", "find_neurons", "apply_neurons",
+           "freeze_mask_hook", "mask_from_scores", "open_mask"]
 
 SCORES = ("wanda", "snip")
 DEFAULT_SAMPLES = 128
@@ -151,53 +157,19 @@ def importance(model: torch.nn.Module, modules: dict[str, torch.nn.Linear], samp
 # --------------------------------------------------------------------------- find
 
 
-@dataclass
-class TensorSparsity:
-    """How many weights of one tensor the mask selects."""
+@dataclass(frozen=True, kw_only=True)
+class NeuronsFindConfig(MethodConfig):
+    """Options of `neurons find`: Wei et al.'s S(q) minus U(p), response tokens only."""
 
-    name: str
-    numel: int
-    selected: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.selected / self.numel if self.numel else 0.0
-
-
-@dataclass
-class NeuronsReport:
-    """Result of `find_neurons`: per-tensor and overall share of selected weights."""
-
-    out: str
-    score: str
-    p: float
-    q: float
-    tensors: list[TensorSparsity] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def selected(self) -> int:
-        return sum(t.selected for t in self.tensors)
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def sparsity(self) -> float:
-        return self.selected / self.numel if self.numel else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tensors"] = [{**asdict(t), "sparsity": t.sparsity} for t in self.tensors]
-        d.update(selected=self.selected, numel=self.numel, sparsity=self.sparsity)
-        return d
-
-
-def _check_fraction(name: str, value: float) -> float:
-    if not 0.0 <= float(value) <= 1.0:
-        raise SurgeryError(f"--{name} must be a fraction in [0, 1], got {value}")
-    return float(value)
+    method = "neurons-find"
+    p: float = option(help="Top fraction of utility importance removed (per tensor).", low=0.0, high=1.0)
+    q: float = option(help="Top fraction of safety importance kept (per tensor).", low=0.0, high=1.0)
+    score: Literal["wanda", "snip"] = option("wanda", "wanda: |W|·||X|| on response tokens; snip: |W ⊙ Σ|∇W L||.")
+    targets: tuple[str, ...] = option((), "Short module names, comma-separated (default: every Linear but the head).")
+    num_samples: int | None = option(DEFAULT_SAMPLES, "First N pairs of each file.", low=1, flag="--samples")
+    max_length: int = option(DEFAULT_MAX_LENGTH, "Tokens per sample; longer pairs are cut.", low=1)
+    layers_per_pass: int = option(0, "SNIP: gradients for this many decoder layers per pass (0: all at once; 1: "
+                                     "the reference's layer-by-layer loop, least memory).", low=0)
 
 
 def _checkpoint_key(name: str, ckpt: Checkpoint) -> str:
@@ -216,86 +188,69 @@ def mask_from_scores(safety: dict[str, torch.Tensor], utility: dict[str, torch.T
     return {n: setdiff_mask(safety[n], utility[n], p, q) for n in safety}
 
 
-def find_neurons(
-    model_dir: str | Path,
-    safety: str | Path,
-    utility: str | Path,
-    out: str | Path,
-    *,
-    p: float,
-    q: float,
-    score: str = "wanda",
-    targets: Sequence[str] | None = None,
-    n_samples: int | None = DEFAULT_SAMPLES,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    batch_size: int = 8,
-    layers_per_pass: int | None = None,
-    force: bool = False,
-) -> NeuronsReport:
-    """Find the safety-critical weights of `model_dir` and write their mask to `out` (one safetensors file).
+def run_find(config: NeuronsFindConfig, inputs: Mapping[str, Any], out: str | Path,
+             runtime: Runtime = Runtime()) -> Report:
+    """Find the safety-critical weights of `inputs["model"]` and write their mask to `out` (one safetensors file).
 
-    `q`: top fraction of safety importance kept per tensor; `p`: top fraction of utility
-    importance removed from it (Wei et al.'s S(q) minus U(p)). Returns the sparsity report.
-    SNIP with `layers_per_pass=k`: gradients and scores for k decoder layers at a time (the
-    reference's layer-by-layer loop; same result, memory for k layers' gradients, more passes).
+    Per tensor: the top-`q` fraction of importance on `inputs["safety"]` minus the top-`p`
+    fraction on `inputs["utility"]`. A mask is one file, so the report (per tensor: entries
+    selected; metrics: sparsity) goes into its metadata as `surgery.report` (without wall
+    time, so equal inputs give equal bytes) and is returned. SNIP with `layers_per_pass=k`:
+    gradients for k decoder layers at a time (same result, less memory, more passes).
     """
     started = time.perf_counter()
+    model_dir, safety, utility = inputs["model"], inputs["safety"], inputs["utility"]
     out = Path(out)
-    guarded = {"MODEL": model_dir, "--safety": safety, "--utility": utility}
-    check_output(out, force, guarded)
-    p, q = _check_fraction("p", p), _check_fraction("q", q)
-    if score not in SCORES:
-        raise SurgeryError(f"unknown --score {score!r}; choose one of {', '.join(SCORES)}")
+    check_output(out, runtime.force, inputs)
     ckpt = Checkpoint.open(model_dir)
-    model, tok, safety_samples = load_model_and_samples(model_dir, safety, n_samples, max_length)
-    utility_samples = calibration_samples(model_dir, utility, num_samples=n_samples, max_length=max_length,
-                                          on_overflow="truncate", tokenizer=tok)
-    modules = target_linears(model, targets)
+    model, tok, safety_samples = load_model_and_samples(model_dir, safety, config.num_samples, config.max_length)
+    utility_samples = calibration_samples(model_dir, utility, num_samples=config.num_samples,
+                                          max_length=config.max_length, on_overflow="truncate", tokenizer=tok)
+    modules = target_linears(model, list(config.targets) or None)
     keys = {n: _checkpoint_key(f"{n}.weight", ckpt) for n in modules}
-    if layers_per_pass is not None and layers_per_pass < 0:
-        raise SurgeryError(f"--layers-per-pass must be >= 0, got {layers_per_pass}")
     masks: dict[str, torch.Tensor] = {}
-    for group in layer_groups(modules, layers_per_pass if score == "snip" else None):
-        s_scores = importance(model, group, safety_samples, score, batch_size)
-        u_scores = importance(model, group, utility_samples, score, batch_size)
-        masks.update(mask_from_scores(s_scores, u_scores, p, q))
+    per_pass = (config.layers_per_pass or None) if config.score == "snip" else None
+    for group in layer_groups(modules, per_pass):
+        s_scores = importance(model, group, safety_samples, config.score, runtime.batch_size)
+        u_scores = importance(model, group, utility_samples, config.score, runtime.batch_size)
+        masks.update(mask_from_scores(s_scores, u_scores, config.p, config.q))
         del s_scores, u_scores
-    report = NeuronsReport(out=str(out), score=score, p=p, q=q)
+    report = Report("neurons-find", {**config.to_dict(), "response_tokens_only": True})
+    report.inputs = input_records({"model": ckpt, "safety": Path(safety), "utility": Path(utility)})
+    report.out = str(out)
     tensors: dict[str, torch.Tensor] = {}
     for n in modules:
         m = masks[n].contiguous()
         tensors[keys[n]] = m
-        report.tensors.append(TensorSparsity(keys[n], m.numel(), int(m.sum())))
-    params = {"score": score, "p": p, "q": q, "targets": sorted({k.rsplit(".", 1)[-1] for k in modules}),
-              "n_samples": n_samples, "max_length": max_length, "response_tokens_only": True,
-              "layers_per_pass": layers_per_pass if score == "snip" else None}
-    meta = provenance("neurons", params, {"model": ckpt, "safety": Path(safety), "utility": Path(utility)})
+        report.tensors.append(TensorChange(keys[n], list(m.shape), int(m.sum()), 0))
+    numel = sum(t.numel for t in report.tensors)
+    report.metrics.update(selected=report.selected, numel=numel, sparsity=report.selected / numel if numel else 0.0,
+                          tensor_sparsity={t.name: t.selected / t.numel if t.numel else 0.0 for t in report.tensors})
+    meta = provenance(report.method, report.config, {"model": ckpt, "safety": Path(safety), "utility": Path(utility)})
     meta["surgery.kind"] = "mask"
-    meta["surgery.report"] = json.dumps({"selected": report.selected, "numel": report.numel,
-                                         "sparsity": report.sparsity,
-                                         "tensors": {t.name: t.selected for t in report.tensors}})
-    write_tensors(out, tensors, metadata=meta, force=force, inputs=guarded)
-    report.seconds = time.perf_counter() - started
+    meta["surgery.report"] = json.dumps({k: v for k, v in report.to_dict().items() if k != "seconds"}, sort_keys=True)
+    write_tensors(out, tensors, metadata=meta, force=runtime.force, inputs=inputs)
+    report.seconds["total"] = time.perf_counter() - started
     return report
+
+
+def find_neurons(model_dir: str | Path, safety: str | Path, utility: str | Path, out: str | Path, *,
+                 runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run_find` with the config's fields as keyword arguments: `find_neurons(m, s, u, out, p=0.1, q=0.2)`."""
+    return run_find(NeuronsFindConfig(**options), {"model": model_dir, "safety": safety, "utility": utility}, out,
+                    runtime)
 
 
 # --------------------------------------------------------------------------- apply
 
 
-@dataclass
-class ApplyReport:
-    """Result of `apply_neurons`."""
+@dataclass(frozen=True, kw_only=True)
+class NeuronsApplyConfig(MethodConfig):
+    """Options of `neurons apply`."""
 
-    out: str
-    mode: str
-    tensors: int
-    masked_tensors: int
-    changed: int
-    selected: int
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    method = "neurons-apply"
+    mode: Literal["zero", "restore"] = option(
+        help="zero: remove the weights (an attack); restore: copy them from the aligned model (a repair).")
 
 
 def open_mask(path: str | Path) -> Checkpoint:
@@ -310,31 +265,22 @@ def open_mask(path: str | Path) -> Checkpoint:
     return mask
 
 
-def apply_neurons(
-    model_dir: str | Path,
-    mask: str | Path,
-    out: str | Path,
-    *,
-    mode: str,
-    aligned: str | Path | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    force: bool = False,
-) -> ApplyReport:
-    """Stream `model_dir` into `out`, zeroing the masked weights (`mode="zero"`, the brittleness
-    attack) or setting them to `aligned`'s values (`mode="restore"`, the repair)."""
+def run_apply(config: NeuronsApplyConfig, inputs: Mapping[str, Any], out: str | Path,
+              runtime: Runtime = Runtime()) -> Report:
+    """Stream `inputs["model"]` into `out`, zeroing the weights of `inputs["mask"]` (`mode="zero"`, the
+    brittleness attack) or setting them to `inputs["aligned"]`'s values (`mode="restore"`, the repair)."""
     started = time.perf_counter()
+    model_dir, mask, aligned = inputs["model"], inputs["mask"], inputs.get("aligned")
+    mode = config.mode
     out = Path(out)
-    guarded = {"MODEL": model_dir, "--mask": mask, "--aligned": aligned}
-    check_output(out, force, guarded)
-    if mode not in ("zero", "restore"):
-        raise SurgeryError(f"--mode must be zero or restore, got {mode!r}")
+    check_output(out, runtime.force, inputs)
     if mode == "restore" and aligned is None:
-        raise SurgeryError("--mode restore needs --aligned ALIGNED, the checkpoint to copy the weights from")
+        raise SurgeryError("mode restore needs the aligned model (aligned), the checkpoint to copy the weights from")
     if mode == "zero" and aligned is not None:
-        raise SurgeryError("--aligned is only used with --mode restore; drop it or use --mode restore")
-    ckpt = Checkpoint.open(model_dir)
+        raise SurgeryError("the aligned model is only used with mode restore; drop it or use mode restore")
+    ckpt = Checkpoint.open(model_dir, allow_pickle=runtime.allow_pickle)
     masks = open_mask(mask)
-    ref = Checkpoint.open(aligned) if aligned is not None else None
+    ref = Checkpoint.open(aligned, allow_pickle=runtime.allow_pickle) if aligned is not None else None
     for name in masks.names():
         if name not in ckpt:
             raise MismatchError(f"mask tensor {name} is not in {model_dir}; use the mask made for this model")
@@ -343,30 +289,28 @@ def apply_neurons(
                                 f"{list(ckpt.info(name).shape)}")
         if ref is not None and (name not in ref or tuple(ref.info(name).shape) != tuple(ckpt.info(name).shape)):
             raise MismatchError(f"{name} is missing or shaped differently in {aligned}; pass the matching aligned model")
-    specs = [TensorSpec.like(n, ckpt.info(n)) for n in ckpt.names()]
-    params = {"mode": mode}
-    inputs: dict[str, Any] = {"model": ckpt, "mask": Path(mask)}
+
+    def edit(name: str, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+        m = masks.get(name)
+        w = w.clone()
+        w[m] = 0 if ref is None else ref.get(name)[m].to(w.dtype)
+        return w, int(m.sum())
+
+    report = Report("neurons-apply", config.to_dict())
+    report.metrics.update(tensors=len(ckpt.names()), masked_tensors=len(masks.names()))
+    extra: dict[str, Any] = {"mask": Path(mask)}
     if ref is not None:
-        inputs["aligned"] = ref
-    meta = provenance("neurons-apply", params, inputs)
-    changed = selected = 0
-    with CheckpointWriter(out, specs, shard_size=shard_size, metadata=meta, force=force,
-                          copy_files_from=ckpt.companion_files(), inputs=guarded) as writer:
-        for name in track(ckpt.names(), description=f"neurons {mode}"):
-            w = ckpt.get(name)
-            if name in masks:
-                m = masks.get(name)
-                w = w.clone()
-                before = w[m].clone()
-                if mode == "zero":
-                    w[m] = 0
-                else:
-                    w[m] = ref.get(name)[m].to(w.dtype)  # type: ignore[union-attr]
-                changed += int((w[m] != before).sum())
-                selected += int(m.sum())
-            writer.write(name, w)
-    return ApplyReport(out=str(out), mode=mode, tensors=len(specs), masked_tensors=len(masks.names()),
-                       changed=changed, selected=selected, seconds=time.perf_counter() - started)
+        extra["aligned"] = ref
+    return rewrite_checkpoint(ckpt, out, report, edit=edit, names=set(masks.names()), inputs=extra,
+                              shard_size=runtime.shard_size, force=runtime.force, description=f"neurons {mode}",
+                              started=started)
+
+
+def apply_neurons(model_dir: str | Path, mask: str | Path, out: str | Path, *, mode: str,
+                  aligned: str | Path | None = None, runtime: Runtime = Runtime()) -> Report:
+    """`run_apply` with the config's field as a keyword: `apply_neurons(m, mask, out, mode="zero")`."""
+    inputs = {"model": model_dir, "mask": mask, **({"aligned": aligned} if aligned is not None else {})}
+    return run_apply(NeuronsApplyConfig(mode=mode), inputs, out, runtime)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- freeze during fine-tuning

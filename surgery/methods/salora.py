@@ -34,13 +34,14 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from surgery.calib.data import calibration_samples
 from surgery.errors import InputNotFoundError, MismatchError, SurgeryError
 from surgery.io.adapter import LoraAdapter, rewrite_adapter
 from surgery.io.atomic import check_output
@@ -48,8 +49,15 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.io.writer import write_tensors
 from surgery.kernels.salora_project import salora_fold, salora_project
+from surgery.methods.config import ConfigError, MethodConfig, Runtime, option
 from surgery.model.layout import strip_peft_prefix
+from surgery.model.load import load_causal_lm, load_tokenizer, model_directory
+from surgery.pipeline.rewrite import input_records
 from surgery.progress import track
+from surgery.report import REPORT_FILE, Report, TensorChange
+
+__all__ = ["SaloraFitConfig", "SaloraApplyConfig", "run_fit", "run_apply", "fit_salora", "apply_salora",
+           "salora_prepare", "salora_targets", "load_module", "load_task_subspaces", "top_eigenvectors", "SaloraHook"]
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 DEFAULT_SAMPLES = 128
@@ -62,15 +70,9 @@ KIND = "salora-module"
 U_SUFFIX = ".salora_U"
 VT_SUFFIX = ".salora_Vt"
 DEFAULT_TASK_RANK = 32
-REPORT_NAME = "salora_report.json"
 
 
 # --------------------------------------------------------------------------- the subspace
-
-
-def _report_json(d: dict[str, Any]) -> str:
-    """The report as written beside the weights: without wall time or output path, so equal inputs give equal bytes."""
-    return json.dumps({k: v for k, v in d.items() if k not in ("seconds", "out")}, indent=2, sort_keys=True) + "\n"
 
 
 def top_eigenvectors(G: torch.Tensor, rank: int, solver: str = "auto", niter: int = DEFAULT_NITER,
@@ -84,7 +86,7 @@ def top_eigenvectors(G: torch.Tensor, rank: int, solver: str = "auto", niter: in
     """
     d = G.shape[0]
     if not 1 <= rank <= d:
-        raise SurgeryError(f"--rank must be between 1 and the output dimension {d}, got {rank}")
+        raise ConfigError(f"salora-fit: rank must be between 1 and the output dimension {d}, got {rank}")
     if solver == "auto":
         solver = "eigh" if d <= EIGH_MAX_DIM else "randomized"
     Gd = G.double()
@@ -119,99 +121,111 @@ class ModuleFit:
     energy: float  # sum of the top-R eigenvalues / trace of Y^T Y
 
 
-@dataclass
-class FitReport:
-    """Result of `fit_salora`."""
+@dataclass(frozen=True, kw_only=True)
+class SaloraFitConfig(MethodConfig):
+    """Options of `salora fit`: the rank and solver of U per module, fitted on response tokens."""
 
-    out: str
-    rank: int
-    solver: str
-    modules: list[ModuleFit] = field(default_factory=list)
-    seconds: float = 0.0
+    method = "salora-fit"
+    rank: int = option(help="Safety directions removed per module (the paper: 32).", low=1)
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "Short module names to fit (use the same as the LoRA's "
+                                                       "targets).")
+    num_samples: int | None = option(DEFAULT_SAMPLES, "First N pairs of the file.", low=1, flag="--samples")
+    max_length: int = option(DEFAULT_MAX_LENGTH, "Tokens per sample; longer pairs are cut.", low=1)
+    solver: Literal["auto", "eigh", "randomized"] = option(
+        "auto", "eigh: exact eigenvectors of Y^T Y; randomized: seeded subspace iteration; auto: eigh up to "
+                "d_out=4096.")
+    niter: int = option(DEFAULT_NITER, "Randomized solver iterations.", low=0)
+    seed: int = option(0, "Seed of the randomized solver.")
+    task_rank: int = option(DEFAULT_TASK_RANK, "Task output directions kept per module (the paper's ds; used with "
+                                               "task data).", low=1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError("salora-fit: targets must name at least one module")
 
 
-def fit_salora(
-    aligned: str | Path,
-    safety: str | Path,
-    out: str | Path,
-    *,
-    rank: int,
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    n_samples: int | None = DEFAULT_SAMPLES,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    solver: str = "auto",
-    niter: int = DEFAULT_NITER,
-    seed: int = 0,
-    batch_size: int = 8,
-    task: str | Path | None = None,
-    task_rank: int = DEFAULT_TASK_RANK,
-    force: bool = False,
-) -> FitReport:
-    """Fit SaLoRA's fixed safety module on `aligned` with `safety` pairs and write U per module to `out`.
+def _load_model_and_samples(model_dir: str | Path, data: str | Path, config: SaloraFitConfig
+                            ) -> tuple[Any, Any, list[Any]]:
+    """The model in fp32 (no remote code), its tokenizer, and the first pairs of `data` tokenized."""
+    path = model_directory(model_dir)
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path)
+    samples = calibration_samples(path, data, num_samples=config.num_samples, max_length=config.max_length,
+                                  on_overflow="truncate", tokenizer=tok)
+    return model, tok, samples
 
-    One whole-model forward in fp32 over the first `n_samples` pairs, response tokens
+
+def run_fit(config: SaloraFitConfig, inputs: Mapping[str, Any], out: str | Path,
+            runtime: Runtime = Runtime()) -> Report:
+    """Fit SaLoRA's fixed safety module on `inputs["model"]` (the aligned model) with `inputs["safety"]`.
+
+    One whole-model forward in fp32 over the first `num_samples` pairs, response tokens
     only; Y^T Y per target Linear via `surgery.calib.stats`; the top-`rank` output
-    directions per module. Output: a safetensors file `{module}.salora_U` -> [d_out, rank].
-    With `task` data, also the top-`task_rank` output directions on it,
-    `{module}.salora_Vt`, for the paper's task-specific initialisation.
+    directions per module. Output: one safetensors file `{module}.salora_U` -> [d_out, rank].
+    With `inputs["task"]`, also the top-`task_rank` output directions on it,
+    `{module}.salora_Vt`, for the paper's task-specific initialisation. A module is one
+    file, so the report (metrics: per-module energy) goes into its metadata as
+    `surgery.report` (without wall time) and is returned.
     """
-    from surgery.calib.data import calibration_samples
     from surgery.calib.stats import collect_linear_stats
-    from surgery.methods.neurons import load_model_and_samples
 
     started = time.perf_counter()
+    aligned, safety, task = inputs["model"], inputs["safety"], inputs.get("task")
     out = Path(out)
-    guarded = {"ALIGNED": aligned, "--safety": safety, "--task": task}
-    check_output(out, force, guarded)
-    if solver not in SOLVERS:
-        raise SurgeryError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if rank < 1:
-        raise SurgeryError(f"--rank must be a positive integer, got {rank}")
-    targets = list(targets)
+    check_output(out, runtime.force, inputs)
+    targets = list(config.targets)
+    rank, solver = config.rank, config.solver
     ckpt = Checkpoint.open(aligned)
-    model, tok, samples = load_model_and_samples(aligned, safety, n_samples, max_length)
-    if task is not None and not 1 <= task_rank:
-        raise SurgeryError(f"--task-rank must be a positive integer, got {task_rank}")
+    model, tok, samples = _load_model_and_samples(aligned, safety, config)
     stats = collect_linear_stats(model, samples, targets, token_mask="response", want=("yty",),
-                                 batch_size=batch_size, lora=False)
+                                 batch_size=runtime.batch_size, lora=False)
     task_stats = {}
     if task is not None:
-        task_samples = calibration_samples(aligned, task, num_samples=n_samples, max_length=max_length,
-                                           on_overflow="truncate", tokenizer=tok)
+        task_samples = calibration_samples(aligned, task, num_samples=config.num_samples,
+                                           max_length=config.max_length, on_overflow="truncate", tokenizer=tok)
         task_stats = collect_linear_stats(model, task_samples, targets, token_mask="response", want=("yty",),
-                                          batch_size=batch_size, lora=False)
-    report = FitReport(out=str(out), rank=rank, solver=solver)
+                                          batch_size=runtime.batch_size, lora=False)
+    modules: list[ModuleFit] = []
     tensors: dict[str, torch.Tensor] = {}
     for name in track(sorted(stats), description="salora fit"):
         st = stats[name]
         if st.yty is None or st.tokens == 0:
-            raise SurgeryError(f"{name} saw no response tokens; check the safety data and --max-length")
-        U, vals = top_eigenvectors(st.yty, rank, solver, niter, seed)
+            raise SurgeryError(f"{name} saw no response tokens; check the safety data and max_length")
+        U, vals = top_eigenvectors(st.yty, rank, solver, config.niter, config.seed)
         trace = float(torch.trace(st.yty.double()))
         energy = float(vals.clamp_min(0).sum()) / trace if trace > 0 else 0.0
         tensors[name + U_SUFFIX] = U.cpu()
         if task is not None:
             tt = task_stats[name]
             if tt.yty is None or tt.tokens == 0:
-                raise SurgeryError(f"{name} saw no response tokens of the task data; check --task")
-            tensors[name + VT_SUFFIX] = top_eigenvectors(tt.yty, min(task_rank, tt.yty.shape[0]), solver,
-                                                         niter, seed)[0].cpu()
-        report.modules.append(ModuleFit(name, st.yty.shape[0], rank, st.tokens, energy))
-    params = {"rank": rank, "targets": targets, "n_samples": n_samples, "max_length": max_length,
-              "solver": solver, "niter": niter, "oversample": DEFAULT_OVERSAMPLE, "seed": seed,
-              "response_tokens_only": True, "task_rank": task_rank if task is not None else None}
-    inputs: dict[str, Any] = {"aligned": ckpt, "safety": Path(safety)}
+                raise SurgeryError(f"{name} saw no response tokens of the task data; check the task file")
+            tensors[name + VT_SUFFIX] = top_eigenvectors(tt.yty, min(config.task_rank, tt.yty.shape[0]), solver,
+                                                         config.niter, config.seed)[0].cpu()
+        modules.append(ModuleFit(name, st.yty.shape[0], rank, st.tokens, energy))
+    params = {**config.to_dict(), "oversample": DEFAULT_OVERSAMPLE, "response_tokens_only": True}
+    if task is None:
+        params["task_rank"] = None
+    report = Report("salora-fit", params)
+    records: dict[str, Any] = {"model": ckpt, "safety": Path(safety)}
     if task is not None:
-        inputs["task"] = Path(task)
-    meta = provenance("salora-fit", params, inputs)
+        records["task"] = Path(task)
+    report.inputs = input_records(records)
+    report.out = str(out)
+    report.metrics.update(rank=rank, solver=solver, modules=[asdict(m) for m in modules])
+    meta = provenance(report.method, report.config, records)
     meta["surgery.kind"] = KIND
     meta["surgery.salora"] = "C = I - U U^T per module; U = top output directions of the module on safety data"
-    write_tensors(out, tensors, metadata=meta, force=force, inputs=guarded)
-    report.seconds = time.perf_counter() - started
+    meta["surgery.report"] = json.dumps({k: v for k, v in report.to_dict().items() if k != "seconds"}, sort_keys=True)
+    write_tensors(out, tensors, metadata=meta, force=runtime.force, inputs=inputs)
+    report.seconds["total"] = time.perf_counter() - started
     return report
+
+
+def fit_salora(aligned: str | Path, safety: str | Path, out: str | Path, *, task: str | Path | None = None,
+               runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run_fit` with the config's fields as keyword arguments: `fit_salora(aligned, safety, out, rank=32)`."""
+    inputs = {"model": aligned, "safety": safety, **({"task": task} if task is not None else {})}
+    return run_fit(SaloraFitConfig(**options), inputs, out, runtime)
 
 
 def load_module(path: str | Path) -> dict[str, torch.Tensor]:
@@ -247,34 +261,31 @@ def _read_suffix(ckpt: Checkpoint, path: Path, suffix: str) -> dict[str, torch.T
 # --------------------------------------------------------------------------- apply (fold into an adapter)
 
 
-@dataclass
-class ApplyReport:
-    """Result of `apply_salora`: which LoRA modules were folded and which had no fitted U."""
+@dataclass(frozen=True, kw_only=True)
+class SaloraApplyConfig(MethodConfig):
+    """`salora apply` has no options: the module file says everything (B' = C B per fitted module)."""
 
-    out: str
-    folded: list[str] = field(default_factory=list)
-    unprotected: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    method = "salora-apply"
 
 
-def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, force: bool = False,
-                 allow_pickle: bool = False) -> ApplyReport:
-    """Fold C = I - U U^T into every lora_B of `adapter` that has a fitted U and write `out` atomically."""
+def run_apply(config: SaloraApplyConfig, inputs: Mapping[str, Any], out: str | Path,
+              runtime: Runtime = Runtime()) -> Report:
+    """Fold C = I - U U^T into every lora_B of `inputs["adapter"]` with a fitted U in `inputs["module"]`
+    and write the adapter to `out` atomically, with `surgery_report.json` (metrics: folded, unprotected)."""
     started = time.perf_counter()
+    adapter, module = inputs["adapter"], inputs["module"]
     out = Path(out)
-    inputs = {"ADAPTER": adapter, "--module": module}
-    check_output(out, force, inputs)
-    lora = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
+    check_output(out, runtime.force, inputs)
+    lora = LoraAdapter.open(adapter, allow_pickle=runtime.allow_pickle)
     Us = load_module(module)
-    report = ApplyReport(out=str(out))
+    report = Report("salora-apply", config.to_dict())
+    folded: list[str] = []
+    unprotected: list[str] = []
     new_b: dict[str, torch.Tensor] = {}
     for path, m in sorted(lora.modules.items()):
         U = Us.get(path)
         if U is None:
-            report.unprotected.append(path)
+            unprotected.append(path)
             continue
         if m.is_dora or m.kind != "linear":
             raise SurgeryError(f"{path}: SaLoRA folds plain linear LoRA only (DoRA and embeddings are not supported)")
@@ -283,15 +294,26 @@ def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *, fo
             raise MismatchError(f"{path}: U has {U.shape[0]} output rows but lora_B has {B.shape[0]}; "
                                 "fit the module on the adapter's base model")
         new_b[m.b_key] = salora_fold(U, B.float()).to(B.dtype)
-        report.folded.append(path)
-    if not report.folded:
+        report.tensors.append(TensorChange(m.b_key, list(B.shape), B.numel(), int((new_b[m.b_key] != B).sum())))
+        folded.append(path)
+    if not folded:
         raise MismatchError(f"no module of adapter {adapter} has a fitted U in {module}; "
                             f"the module covers {', '.join(sorted(Us)[:3])}...")
-    meta = provenance("salora-apply", {"folded": report.folded}, {"adapter": lora, "module": Path(module)})
-    rewrite_adapter(lora, out, new_b, meta, force,
-                    extra_files={REPORT_NAME: _report_json(report.to_dict())}, inputs=inputs)
-    report.seconds = time.perf_counter() - started
+    records = {"adapter": lora, "module": Path(module)}
+    report.inputs = input_records(records)
+    report.out = str(out)
+    report.metrics.update(folded=folded, unprotected=unprotected)
+    meta = provenance(report.method, {**report.config, "folded": folded}, records)
+    report.seconds["total"] = time.perf_counter() - started
+    rewrite_adapter(lora, out, new_b, meta, runtime.force, extra_files={REPORT_FILE: report.to_json()},
+                    inputs=inputs)
     return report
+
+
+def apply_salora(adapter: str | Path, module: str | Path, out: str | Path, *,
+                 runtime: Runtime = Runtime()) -> Report:
+    """`run_apply` on an adapter and a module file: `apply_salora(adapter, module, out)`."""
+    return run_apply(SaloraApplyConfig(), {"adapter": adapter, "module": module}, out, runtime)
 
 
 # --------------------------------------------------------------------------- fine-tuning with the fixed module
@@ -330,7 +352,7 @@ class SaloraHook:
         self.task_init = task_init
         self.Vt = load_task_subspaces(module_path) if task_init else {}
         if task_init and not self.Vt:
-            raise SurgeryError(f"{module_path} has no task subspace; fit it with `surgery salora fit --task T.jsonl`")
+            raise SurgeryError(f"{module_path} has no task subspace; fit it with task data (`surgery salora fit --task T.jsonl`)")
         self.protected: list[str] = []
         self.unprotected: list[str] = []
         self._handles: list[Any] = []
@@ -364,7 +386,7 @@ class SaloraHook:
             self.protected.append(path)
         if not self.protected:
             raise MismatchError(f"no LoRA layer of the model has a fitted U in {self.module_path}; "
-                                "fine-tune the modules the SaLoRA module was fitted on (--targets)")
+                                "fine-tune the modules the SaLoRA module was fitted on (targets)")
 
     def _task_init(self, model: torch.nn.Module, path: str, layer: torch.nn.Module, name: str,
                    U: torch.Tensor) -> None:
@@ -373,7 +395,7 @@ class SaloraHook:
             raise SurgeryError(f"{path}: the task-specific initialisation supports nn.Linear layers only")
         Vt = self.Vt.get(path)
         if Vt is None:
-            raise SurgeryError(f"{path}: no task subspace in {self.module_path}; refit with --targets covering it")
+            raise SurgeryError(f"{path}: no task subspace in {self.module_path}; refit with targets covering it")
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]  # type: ignore[index]  # a peft LoRA layer
         r = lora_a.weight.shape[0]  # type: ignore[union-attr]
         s = float(layer.scaling[name])  # type: ignore[index]

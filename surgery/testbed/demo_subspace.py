@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from surgery.methods.config import Runtime
 from surgery.testbed.demo_api import DemoContext, DemoRow
 
 ORDER = 230
@@ -75,7 +76,7 @@ def salora_rows(ctx: DemoContext) -> list[DemoRow]:
     module = ctx.path("salora-module.safetensors")
     with ctx.timer() as t_fit:
         fit = fit_salora(tb.aligned, safety_pairs(ctx), module, rank=SALORA_RANK, targets=recipe["targets"],
-                         n_samples=N_CALIB, force=True)
+                         num_samples=N_CALIB, runtime=Runtime(force=True))
     out = ctx.path("salora-ft-salora")
     with ctx.timer() as t:
         finetune(tb.aligned, load_pairs(tb.file("task_train.jsonl")), out,
@@ -88,8 +89,8 @@ def salora_rows(ctx: DemoContext) -> list[DemoRow]:
     rows.append(DemoRow.from_eval(
         "fine-tune on attack data", "SaLoRA", ctx.evaluate(tb.aligned, adapter=out),
         seconds=t["seconds"] + t_fit["seconds"],
-        note=note + f"; C = I - UU^T, rank {SALORA_RANK}, {len(fit.modules)} modules",
-        energy={m.module: round(m.energy, 4) for m in fit.modules}))
+        note=note + f"; C = I - UU^T, rank {SALORA_RANK}, {len(fit.metrics['modules'])} modules",
+        energy={m["module"]: round(m["energy"], 4) for m in fit.metrics["modules"]}))
     return rows
 
 
@@ -101,20 +102,20 @@ def neurons_rows(ctx: DemoContext) -> list[DemoRow]:
     mask = ctx.path("neurons-mask.safetensors")
     with ctx.timer() as t_find:
         rep = find_neurons(tb.aligned, safety_pairs(ctx), tb.file("utility.jsonl"), mask, p=NEURONS_P, q=NEURONS_Q,
-                           score=NEURONS_SCORE, n_samples=N_CALIB, force=True)
+                           score=NEURONS_SCORE, num_samples=N_CALIB, runtime=Runtime(force=True))
     merged = ctx.path("neurons-attacked-merged")
     merge_adapter(tb.aligned, tb.attacked, merged, force=True)
-    settings = f"{NEURONS_SCORE}, p={NEURONS_P}, q={NEURONS_Q}, {100 * rep.sparsity:.2f}% of weights"
+    settings = f"{NEURONS_SCORE}, p={NEURONS_P}, q={NEURONS_Q}, {100 * rep.metrics['sparsity']:.2f}% of weights"
     rows = []
     for stage, mode, model, kw in (("attacked (merged) + restore", "restore", merged, {"aligned": tb.aligned}),
                                    ("aligned + zero (attack)", "zero", tb.aligned, {})):
         out = ctx.path(f"neurons-{mode}")
         with ctx.timer() as t:
-            applied = apply_neurons(model, mask, out, mode=mode, force=True, **kw)  # type: ignore[arg-type]
+            applied = apply_neurons(model, mask, out, mode=mode, runtime=Runtime(force=True), **kw)  # type: ignore[arg-type]
         res = ctx.evaluate(out)
         rows.append(DemoRow.from_eval(stage, f"neurons {mode}", res, seconds=t["seconds"] + t_find["seconds"],
                                       note=settings, changed=applied.changed, selected=applied.selected,
-                                      sparsity=rep.sparsity))
+                                      sparsity=rep.metrics["sparsity"]))
     return rows
 
 

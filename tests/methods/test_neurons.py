@@ -140,12 +140,12 @@ def test_find_matches_independent_computation(setup, tmp_path: Path, score: str)
         total += int(expected.sum())
     assert report.selected == sum(int(m.sum()) for m in got.values())
     assert abs(report.selected - total) <= 0.01 * total + 4
-    assert 0 < report.sparsity < q
+    assert 0 < report.metrics["sparsity"] < q
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         md = f.metadata()
-    assert md["surgery.method"] == "neurons" and json.loads(md["surgery.params"])["score"] == score
+    assert md["surgery.method"] == "neurons-find" and json.loads(md["surgery.params"])["score"] == score
 
 
 def test_sign_pitfall_negated_scores_give_near_empty_sets(setup) -> None:
@@ -229,11 +229,11 @@ def test_cli_find_apply(setup, tmp_path: Path) -> None:
                               "--targets", "q_proj,v_proj", "-o", str(mask), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert len(out["tensors"]) == 4 and 0 < out["sparsity"] < 0.2
+    assert len(out["tensors"]) == 4 and 0 < out["metrics"]["sparsity"] < 0.2
     res = runner.invoke(cli, ["neurons", "apply", str(setup["model"]), "--mask", str(mask), "--mode", "zero",
                               "-o", str(tmp_path / "z"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["selected"] == out["selected"]
+    assert json.loads(res.stdout)["totals"]["selected"] == out["totals"]["selected"]
     res = runner.invoke(cli, ["neurons", "find", str(setup["model"]), "--safety", str(setup["safety"]),
                               "--utility", str(setup["utility"]), "--p", "1.5", "--q", "0.2", "-o", str(tmp_path / "n")])
     assert res.exit_code != 0 and not (tmp_path / "n").exists()
@@ -265,3 +265,32 @@ def test_snip_layer_by_layer_equals_whole_model(setup, tmp_path: Path) -> None:
     groups = layer_groups(mods, 1)
     assert [sorted(g) for g in groups] == [["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"],
                                            ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]]
+
+
+def test_config_errors_name_fields_and_reports_are_stored(setup, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from surgery.methods.config import ConfigError
+    from surgery.methods.neurons import NeuronsApplyConfig, NeuronsFindConfig
+    from surgery.report import REPORT_FILE, Report
+
+    with pytest.raises(ConfigError, match=r"neurons-find: p must lie in \[0, 1\]"):
+        NeuronsFindConfig(p=1.5, q=0.2)
+    with pytest.raises(ConfigError, match="neurons-apply: mode must be one of zero, restore"):
+        NeuronsApplyConfig(mode="erase")  # type: ignore[arg-type]
+    mask = tmp_path / "m.safetensors"
+    found = find_neurons(setup["model"], setup["safety"], setup["utility"], mask, p=0.1, q=0.3, targets=["q_proj"])
+    masks = load_file(str(mask))
+    with safe_open(str(mask), "pt") as f:
+        stored = json.loads(f.metadata()["surgery.report"])
+    assert stored["totals"]["selected"] == found.selected == sum(int(m.sum()) for m in masks.values())
+    assert stored["metrics"]["sparsity"] == found.metrics["sparsity"]
+    assert stored["config"]["p"] == 0.1 and stored["config"]["targets"] == ["q_proj"]
+    applied = apply_neurons(setup["model"], mask, tmp_path / "z", mode="zero")
+    on_disk = Report.load(tmp_path / "z" / REPORT_FILE)
+    orig = load_file(str(setup["model"] / "model.safetensors"))
+    assert on_disk.metrics == {"tensors": len(orig), "masked_tensors": 2} == applied.metrics
+    assert on_disk.selected == found.selected
+    # changed: masked entries that were not zero already (by hand, from the original weights)
+    assert on_disk.changed == sum(int((orig[k][m] != 0).sum()) for k, m in masks.items())
+    assert {t.name for t in on_disk.tensors} == set(masks)

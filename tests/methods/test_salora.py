@@ -94,7 +94,7 @@ def test_apply_folds_and_removes_the_subspace(setup, tmp_path: Path) -> None:
     adapter = make_adapter(setup["model"], tmp_path / "adapter", r=4, lora_alpha=8,
                            target_modules=["q_proj", "k_proj", "v_proj"])
     report = apply_salora(adapter, setup["module"], tmp_path / "out")
-    assert len(report.folded) == 4 and len(report.unprotected) == 2
+    assert len(report.metrics["folded"]) == 4 and len(report.metrics["unprotected"]) == 2
     Us = load_module(setup["module"])
     before = load_file(str(adapter / "adapter_model.safetensors"))
     after = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
@@ -175,15 +175,15 @@ def test_cli_fit_and_apply(setup, tmp_path: Path) -> None:
                               "--targets", "v_proj", "--solver", "randomized", "-o", str(mod), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert [m["module"] for m in rep["modules"]] == ["model.layers.0.self_attn.v_proj",
+    assert [m["module"] for m in rep["metrics"]["modules"]] == ["model.layers.0.self_attn.v_proj",
                                                      "model.layers.1.self_attn.v_proj"]
-    assert all(0 < m["energy"] <= 1 for m in rep["modules"])
-    assert set(load_file(str(mod))) == {m["module"] + U_SUFFIX for m in rep["modules"]}
+    assert all(0 < m["energy"] <= 1 for m in rep["metrics"]["modules"])
+    assert set(load_file(str(mod))) == {m["module"] + U_SUFFIX for m in rep["metrics"]["modules"]}
     adapter = make_adapter(setup["model"], tmp_path / "a", target_modules=["v_proj"])
     res = runner.invoke(cli, ["salora", "apply", str(adapter), "--module", str(mod), "-o", str(tmp_path / "o"),
                               "--json"])
     assert res.exit_code == 0, res.output
-    assert len(json.loads(res.stdout)["folded"]) == 2
+    assert len(json.loads(res.stdout)["metrics"]["folded"]) == 2
     res = runner.invoke(cli, ["salora", "apply", str(adapter), "--module", str(setup["safety"]),
                               "-o", str(tmp_path / "bad")])
     assert res.exit_code != 0 and not (tmp_path / "bad").exists()
@@ -235,3 +235,29 @@ def test_task_specific_init(setup, tmp_path: Path) -> None:
     U = load_module(module)[path].double()
     dW = merged.get_submodule(path).weight.detach().double() - W
     assert float(dW.abs().max()) > 1e-4 and float((U.T @ dW).abs().max()) < 1e-5
+
+
+def test_reports_are_stored_and_config_errors_name_fields(setup, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from surgery.methods.config import ConfigError
+    from surgery.methods.salora import SaloraFitConfig
+    from surgery.report import REPORT_FILE, Report
+
+    with pytest.raises(ConfigError, match=r"salora-fit: rank must lie in \[1, inf\)"):
+        SaloraFitConfig(rank=0)
+    with pytest.raises(ConfigError, match="salora-fit: solver must be one of"):
+        SaloraFitConfig(rank=2, solver="svd")  # type: ignore[arg-type]
+    with safe_open(str(setup["module"]), "pt") as f:
+        stored = json.loads(f.metadata()["surgery.report"])
+    assert stored["config"]["rank"] == RANK and len(stored["metrics"]["modules"]) == 4
+    Us = load_module(setup["module"])
+    assert {m["module"] for m in stored["metrics"]["modules"]} == set(Us)
+    adapter = make_adapter(setup["model"], tmp_path / "a", target_modules=["q_proj", "k_proj"])
+    report = apply_salora(adapter, setup["module"], tmp_path / "o")
+    on_disk = Report.load(tmp_path / "o" / REPORT_FILE)
+    assert on_disk.metrics["folded"] == report.metrics["folded"] == sorted(p for p in Us if "q_proj" in p)
+    assert len(on_disk.metrics["unprotected"]) == 2
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "o" / "adapter_model.safetensors"))
+    assert on_disk.changed == sum(int((after[t.name] != before[t.name]).sum()) for t in on_disk.tensors) > 0
