@@ -204,6 +204,6 @@ def calibration_samples(
 ) -> list[Sample]:
     """Load `{"prompt","response"}` pairs and tokenize them with the model's own tokenizer."""
     pairs = load_pairs(path, limit=num_samples)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)  # refuses custom code first
     warn_beyond_positions(model_dir, max_length)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     return tokenize_pairs(tok, pairs, max_length, chat_template=chat_template, on_overflow=on_overflow)
