@@ -106,6 +106,7 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
                docs="docs/methods/antidote.md", demo="antidote", reference="Huang et al. 2024 (Antidote)"),
     MethodSpec("safelora", "repair", "project LoRA updates onto the alignment subspace where they leave it",
                "surgery safelora", needs=("adapter", "base", "aligned"), adapters=("lora",), writes="adapter",
+               config="surgery.methods.safelora:SafeLoraConfig", run="surgery.methods.safelora:run",
                docs="docs/methods/safelora.md", demo="subspace", reference="Hsu et al. 2024 (Safe LoRA)"),
     MethodSpec("salora-fit", "defense", "fit SaLoRA's fixed safety module from the aligned model",
                "surgery salora fit", needs=("model", "safety"), optional=("task",), writes="module",

@@ -12,15 +12,16 @@ default 0.5). Selected modules get lora_B <- P B; every other tensor is copied.
 
 Low-rank arithmetic only (`surgery.kernels.safelora_project`): beyond V itself the
 memory is O(d r). The output is a peft adapter with provenance and a report
-(`safelora_report.json` beside the weights).
+(`surgery_report.json` beside the weights: per module its cosine, norm ratio and
+whether it was projected, under `metrics`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,46 @@ from surgery.io.atomic import check_output
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.provenance import provenance
 from surgery.kernels.safelora_project import safelora_project
+from surgery.methods.config import ConfigError, MethodConfig, Runtime, option
+from surgery.pipeline.rewrite import input_records
 from surgery.progress import track
+from surgery.report import REPORT_FILE, Report
+
+__all__ = ["SafeLoraConfig", "ModuleResult", "run", "safelora", "select_modules", "projected_modules",
+           "module_results", "DEFAULT_NUM_LAYERS", "DEFAULT_THRESHOLD"]
 
 DEFAULT_NUM_LAYERS = 10
 DEFAULT_THRESHOLD = 0.5
-REPORT_NAME = "safelora_report.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SafeLoraConfig(MethodConfig):
+    """Safe LoRA's options: which modules to project (number or threshold) and which projector."""
+
+    method = "safelora"
+    num_layers: int | None = option(None, f"Project the K modules with the lowest cosine (default "
+                                          f"{DEFAULT_NUM_LAYERS}).", low=0)
+    threshold: float | None = option(None, "Instead project every module with cosine <= T (the reference's "
+                                           f"default T is {DEFAULT_THRESHOLD:g}).")
+    exact: bool = option(False, "Use the orthogonal projector onto V's column space instead of V V^T/||V||_F.")
+
+    def validate(self) -> None:
+        if self.num_layers is not None and self.threshold is not None:
+            raise ConfigError("safelora: give either num_layers or threshold, not both")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"safelora: threshold must be a finite number, got {self.threshold}")
+
+    @property
+    def mode(self) -> str:
+        """"threshold" when a threshold is given, else "number"."""
+        return "threshold" if self.threshold is not None else "number"
+
+    @property
+    def k(self) -> int | None:
+        """The number of modules to project in number mode (default 10), None in threshold mode."""
+        if self.threshold is not None:
+            return None
+        return DEFAULT_NUM_LAYERS if self.num_layers is None else self.num_layers
 
 
 @dataclass
@@ -50,32 +86,14 @@ class ModuleResult:
     norm_ratio: float = 1.0  # ||P·ΔW||_F / ||ΔW||_F: how much the (non-idempotent) P rescales the update
 
 
-@dataclass
-class SafeLoraReport:
-    """What `safelora` did: the selection rule and every module's cosine."""
-
-    out: str
-    mode: str  # "number" | "threshold"
-    num_layers: int | None
-    threshold: float | None
-    exact: bool
-    modules: list[ModuleResult] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def projected(self) -> list[str]:
-        return [m.module for m in self.modules if m.projected]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["n_modules"] = len(self.modules)
-        d["n_projected"] = len(self.projected)
-        return d
+def module_results(report: Report) -> list[ModuleResult]:
+    """The per-module results of a Safe LoRA report (`report.metrics["modules"]`)."""
+    return [ModuleResult(**m) for m in report.metrics.get("modules", [])]
 
 
-def _report_json(d: dict[str, Any]) -> str:
-    """The report as written beside the weights: without wall time or output path, so equal inputs give equal bytes."""
-    return json.dumps({k: v for k, v in d.items() if k not in ("seconds", "out")}, indent=2, sort_keys=True) + "\n"
+def projected_modules(report: Report) -> list[str]:
+    """The modules whose lora_B a Safe LoRA report projected."""
+    return [m.module for m in module_results(report) if m.projected]
 
 
 def select_modules(cosines: list[float], num_layers: int | None = DEFAULT_NUM_LAYERS,
@@ -89,10 +107,10 @@ def select_modules(cosines: list[float], num_layers: int | None = DEFAULT_NUM_LA
     """
     if threshold is not None:
         if num_layers is not None:
-            raise SurgeryError("give either --num-layers or --threshold, not both")
+            raise ConfigError("safelora: give either num_layers or threshold, not both")
         return [c <= threshold for c in cosines]
     if num_layers is None or num_layers < 0:
-        raise SurgeryError(f"--num-layers must be a non-negative integer, got {num_layers}")
+        raise ConfigError(f"safelora: num_layers must be a non-negative integer, got {num_layers}")
     order = sorted(range(len(cosines)), key=lambda i: (cosines[i], i))
     chosen = set(order[:num_layers])
     return [i in chosen for i in range(len(cosines))]
@@ -109,7 +127,7 @@ def _norm_ratio(B_new: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
 def _alignment_matrix(base: Checkpoint, aligned: Checkpoint, key: str, fan_in_fan_out: bool) -> torch.Tensor:
     """V = W_aligned - W_base in fp32, as [d_out, d_in] (transposed for Conv1D layouts)."""
     if key not in base:
-        raise MismatchError(f"{key} is in the aligned checkpoint but not in the base; pass the matching --base")
+        raise MismatchError(f"{key} is in the aligned checkpoint but not in the base; pass the matching base")
     a_info, b_info = aligned.info(key), base.info(key)
     if tuple(a_info.shape) != tuple(b_info.shape):
         raise MismatchError(
@@ -121,47 +139,28 @@ def _alignment_matrix(base: Checkpoint, aligned: Checkpoint, key: str, fan_in_fa
     return v.T if fan_in_fan_out else v
 
 
-def safelora(
-    adapter: str | Path,
-    base: str | Path,
-    aligned: str | Path,
-    out: str | Path,
-    *,
-    num_layers: int | None = None,
-    threshold: float | None = None,
-    exact: bool = False,
-    force: bool = False,
-    allow_pickle: bool = False,
-) -> SafeLoraReport:
-    """Apply Safe LoRA to `adapter` and write the projected adapter to `out` atomically.
+def run(config: SafeLoraConfig, inputs: Mapping[str, Any], out: str | Path,
+        runtime: Runtime = Runtime()) -> Report:
+    """Apply Safe LoRA to `inputs["adapter"]` (with `base` and `aligned`) and write the projected adapter to `out`.
 
-    `num_layers` (default 10 when neither is given) or `threshold` picks the projected
-    modules; `exact` swaps the reference's V V^T/||V||_F for the orthogonal projector.
     Raises `MismatchError` when the adapter does not fit the checkpoints; nothing is
-    written on any error.
+    written on any error. The report's `metrics` carry the selection rule and every
+    module's cosine and norm ratio.
     """
     started = time.perf_counter()
+    adapter, base, aligned = inputs["adapter"], inputs["base"], inputs["aligned"]
     out = Path(out)
-    inputs = {"ADAPTER": adapter, "--base": base, "--aligned": aligned}
-    check_output(out, force, inputs)
-    if threshold is None and num_layers is None:
-        num_layers = DEFAULT_NUM_LAYERS
-    if threshold is not None and num_layers is not None:
-        raise SurgeryError("give either --num-layers or --threshold, not both")
-    if threshold is not None and not math.isfinite(threshold):
-        raise SurgeryError(f"--threshold must be a finite number, got {threshold}")
-    if num_layers is not None and num_layers < 0:
-        raise SurgeryError(f"--num-layers must be >= 0, got {num_layers}")
-    lora = LoraAdapter.open(adapter, allow_pickle=allow_pickle)
-    base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle)
-    aligned_ckpt = Checkpoint.open(aligned, allow_pickle=allow_pickle)
+    paths = {"ADAPTER": adapter, "--base": base, "--aligned": aligned}
+    check_output(out, runtime.force, paths)
+    lora = LoraAdapter.open(adapter, allow_pickle=runtime.allow_pickle)
+    base_ckpt = Checkpoint.open(base, allow_pickle=runtime.allow_pickle)
+    aligned_ckpt = Checkpoint.open(aligned, allow_pickle=runtime.allow_pickle)
     bound, _ = lora.match(aligned_ckpt)
-    for key, m in bound.items():
+    for m in bound.values():
         if m.kind != "linear":
             raise SurgeryError(f"{m.module_path} is an embedding LoRA; Safe LoRA projects linear modules only")
         if m.is_dora:
             raise SurgeryError(f"{m.module_path} is a DoRA module; Safe LoRA is defined for plain LoRA only")
-        _ = key
 
     results: list[ModuleResult] = []
     new_b: dict[str, torch.Tensor] = {}
@@ -169,23 +168,33 @@ def safelora(
         V = _alignment_matrix(base_ckpt, aligned_ckpt, key, m.fan_in_fan_out)
         B_stored = lora.get(m.b_key)
         B, A = lora.lora_B(m), lora.lora_A(m)
-        b_new, cos = safelora_project(V, B, A, exact=exact)
+        b_new, cos = safelora_project(V, B, A, exact=config.exact)
         del V
         new_b[m.b_key] = b_new.to(B_stored.dtype)
         results.append(ModuleResult(module=m.module_path, weight=key, cosine=cos,
                                     norm_ratio=_norm_ratio(b_new.float(), B, A)))
 
-    chosen = select_modules([r.cosine for r in results], num_layers, threshold)
+    chosen = select_modules([r.cosine for r in results], config.k, config.threshold)
     for r, c in zip(results, chosen):
         r.projected = bool(c)
     replace = {lora.modules[r.module].b_key for r in results if r.projected}
+    projected = sorted(r.module for r in results if r.projected)
 
-    report = SafeLoraReport(out=str(out), mode="threshold" if threshold is not None else "number",
-                            num_layers=num_layers, threshold=threshold, exact=exact, modules=results)
-    params = {"mode": report.mode, "num_layers": num_layers, "threshold": threshold, "exact": exact,
-              "projected": sorted(r.module for r in results if r.projected)}
-    meta = provenance("safelora", params, {"adapter": lora, "base": base_ckpt, "aligned": aligned_ckpt})
-    rewrite_adapter(lora, out, {n: new_b[n] for n in replace}, meta, force,
-                    extra_files={REPORT_NAME: _report_json(report.to_dict())}, inputs=inputs)
-    report.seconds = time.perf_counter() - started
+    records = {"adapter": lora, "base": base_ckpt, "aligned": aligned_ckpt}
+    report = Report("safelora", {**config.to_dict(), "mode": config.mode, "num_layers": config.k},
+                    inputs=input_records(records), out=str(out))
+    report.inputs["adapter"]["path"] = str(adapter)  # an adapter is named by its directory
+    report.metrics.update({"mode": config.mode, "n_modules": len(results), "n_projected": len(projected),
+                           "projected": projected, "modules": [asdict(r) for r in results]})
+    meta = provenance("safelora", {**report.config, "projected": projected}, records)
+    # the written report carries no wall time, so equal inputs give equal bytes
+    rewrite_adapter(lora, out, {n: new_b[n] for n in replace}, meta, runtime.force,
+                    extra_files={REPORT_FILE: report.to_json()}, inputs=paths)
+    report.seconds = {"total": time.perf_counter() - started}
     return report
+
+
+def safelora(adapter: str | Path, base: str | Path, aligned: str | Path, out: str | Path, *,
+             runtime: Runtime = Runtime(), **options: Any) -> Report:
+    """`run` with the config's fields as keyword arguments: `safelora(A, base, aligned, out, num_layers=3)`."""
+    return run(SafeLoraConfig(**options), {"adapter": adapter, "base": base, "aligned": aligned}, out, runtime)

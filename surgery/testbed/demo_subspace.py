@@ -48,7 +48,7 @@ def safety_pairs(ctx: DemoContext) -> Path:
 
 
 def safelora_rows(ctx: DemoContext) -> list[DemoRow]:
-    from surgery.methods.safelora import safelora
+    from surgery.methods.safelora import module_results, projected_modules, safelora
 
     tb = ctx.testbed
     rows = []
@@ -56,13 +56,14 @@ def safelora_rows(ctx: DemoContext) -> list[DemoRow]:
                           (f"tau={SAFELORA_TAU}", {"threshold": SAFELORA_TAU})):
         out = ctx.path(f"safelora-{label.replace('=', '')}")
         with ctx.timer() as t:
-            rep = safelora(tb.attacked, tb.base, tb.aligned, out, force=True, **kwargs)
+            report = safelora(tb.attacked, tb.base, tb.aligned, out, runtime=Runtime(force=True), **kwargs)
+        modules, projected = module_results(report), projected_modules(report)
         res = ctx.evaluate(tb.aligned, adapter=out)
         rows.append(DemoRow.from_eval(
             "attacked + SafeLoRA", f"safelora {label}", res, seconds=t["seconds"],
-            note=f"projected {len(rep.projected)}/{len(rep.modules)} modules",
-            cosines={m.module: round(m.cosine, 5) for m in rep.modules},
-            norm_ratios={m.module: round(m.norm_ratio, 4) for m in rep.modules}, projected=rep.projected))
+            note=f"projected {len(projected)}/{len(modules)} modules",
+            cosines={m.module: round(m.cosine, 5) for m in modules},
+            norm_ratios={m.module: round(m.norm_ratio, 4) for m in modules}, projected=projected))
     return rows
 
 

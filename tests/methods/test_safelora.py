@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from surgery.errors import SurgeryError
-from surgery.methods.safelora import safelora, select_modules
+from surgery.methods.safelora import module_results, projected_modules, safelora, select_modules
+from surgery.report import REPORT_FILE
 from tests.factories import build_model, make_adapter
 
 os.environ.setdefault("SURGERY_PROGRESS", "0")
@@ -67,14 +68,14 @@ def test_number_mode_matches_dense_reference(trio, tmp_path: Path, exact: bool) 
     base, aligned, adapter = trio
     ref = dense_reference(base, aligned, adapter, exact)
     report = safelora(adapter, base, aligned, tmp_path / "out", num_layers=3, exact=exact)
-    cos = {m.module: m.cosine for m in report.modules}
+    cos = {m.module: m.cosine for m in module_results(report)}
     assert set(cos) == set(ref)
-    ratio = {m.module: m.norm_ratio for m in report.modules}
+    ratio = {m.module: m.norm_ratio for m in module_results(report)}
     for module, (c, _, nr) in ref.items():
         assert cos[module] == pytest.approx(c, abs=1e-5)
         assert ratio[module] == pytest.approx(nr, rel=1e-4)
     lowest = sorted(ref, key=lambda m: ref[m][0])[:3]
-    assert sorted(report.projected) == sorted(lowest)
+    assert sorted(projected_modules(report)) == sorted(lowest)
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     orig = load_file(str(adapter / "adapter_model.safetensors"))
     assert set(got) == set(orig)
@@ -94,10 +95,10 @@ def test_threshold_mode_and_report(trio, tmp_path: Path) -> None:
     cosines = sorted(c for c, _, _ in ref.values())
     tau = (cosines[2] + cosines[3]) / 2  # exactly the three lowest fall below
     report = safelora(adapter, base, aligned, tmp_path / "out", threshold=tau)
-    assert sorted(report.projected) == sorted(m for m in ref if ref[m][0] <= tau)
-    assert len(report.projected) == 3
-    saved = json.loads((tmp_path / "out" / "safelora_report.json").read_text())
-    assert saved["mode"] == "threshold" and saved["n_projected"] == 3
+    assert sorted(projected_modules(report)) == sorted(m for m in ref if ref[m][0] <= tau)
+    assert len(projected_modules(report)) == 3
+    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert saved["metrics"]["mode"] == "threshold" and saved["metrics"]["n_projected"] == 3
     meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert meta == json.loads((adapter / "adapter_config.json").read_text())
 
@@ -110,7 +111,7 @@ def test_output_loads_in_peft_and_changes_only_projected(trio, tmp_path: Path) -
     report = safelora(adapter, base, aligned, tmp_path / "out", num_layers=2)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(aligned), tmp_path / "out")
     ref = dense_reference(base, aligned, adapter, exact=False)
-    for module in report.projected:
+    for module in projected_modules(report):
         layer = model.get_submodule("base_model.model." + module)
         torch.testing.assert_close(layer.lora_B["default"].weight.double(), ref[module][1], atol=1e-5, rtol=1e-4)
     from safetensors import safe_open
@@ -137,7 +138,7 @@ def test_cli_json_and_bad_input(trio, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["safelora", str(adapter), "--base", str(base), "--aligned", str(aligned),
                               "-o", str(tmp_path / "o"), "--num-layers", "1", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["n_projected"] == 1
+    assert json.loads(res.stdout)["metrics"]["n_projected"] == 1
     # an existing output is refused; a wrong base (other shapes) writes nothing
     res = runner.invoke(cli, ["safelora", str(adapter), "--base", str(base), "--aligned", str(aligned),
                               "-o", str(tmp_path / "o")])
@@ -164,7 +165,7 @@ def test_conv1d_layout_gpt2(tmp_path: Path) -> None:
     wa = load_file(str(tmp_path / "aligned" / "model.safetensors"))
     ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
-    for m in report.modules:
+    for m in module_results(report):
         V = (wa[m.weight].double() - wb[m.weight].double()).T  # [out, in]
         B = ad[f"{PREFIX}{m.module}.lora_B.weight"].double()
         A = ad[f"{PREFIX}{m.module}.lora_A.weight"].double()
@@ -173,7 +174,7 @@ def test_conv1d_layout_gpt2(tmp_path: Path) -> None:
         assert m.cosine == pytest.approx(float((new * old).sum() / (new.norm() * old.norm())), abs=1e-5)
         if m.projected:
             torch.testing.assert_close(got[f"{PREFIX}{m.module}.lora_B.weight"].double(), P @ B, atol=1e-5, rtol=1e-4)
-    assert len(report.projected) == 1
+    assert len(projected_modules(report)) == 1
 
 
 def test_same_inputs_same_bytes(trio, tmp_path: Path) -> None:
@@ -183,4 +184,8 @@ def test_same_inputs_same_bytes(trio, tmp_path: Path) -> None:
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     for n in names:
+        if n == REPORT_FILE:  # the report names its own output path; everything else in it is equal
+            ra, rb = (json.loads((tmp_path / d / n).read_text()) for d in ("a", "b"))
+            assert ra.pop("out") != rb.pop("out") and ra == rb
+            continue
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
